@@ -1,0 +1,8 @@
+"""deftkit: device-edge fine-tuning of foundation models.
+
+The kit is four import packages, one per part of the system:
+``export`` (host), ``device_runtime`` (device, no torch), ``edge_broker`` (edge) and ``hardware``.
+This small package only carries the version and the ``deft`` command-line entry point.
+"""
+
+__version__ = "0.1.0"
