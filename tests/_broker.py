@@ -1,0 +1,1 @@
+"""MQTT broker fixtures (Mosquitto on a random loopback port per session; embedded fallback)."""

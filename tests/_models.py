@@ -1,0 +1,1 @@
+"""Tiny random models and exported bundles shared by the tests."""
