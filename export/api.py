@@ -1,0 +1,154 @@
+"""``export_bundle``: Hugging Face model -> emulator -> PEFT -> ONNX training artifacts -> device bundle."""
+
+from __future__ import annotations
+
+import copy
+import os
+import datetime as _dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from deftkit import __version__
+from device_runtime.bundle.manifest import EmulatorSpec, Manifest, TensorSpec
+from export import onnx_graph, training_artifacts
+from export.architectures import Architecture, architecture_for
+from export.bundle_writer import check_destination, finalize, staging_dir
+from export.config import EmulatorConfig, ExportConfig
+from export.emulator import apply_emulator, full_spec, select_layers
+from export.errors import ExportError
+from export.loading import load_model, load_tokenizer_json, pad_token_id, source_sha256
+from export.peft_setup import attach_peft, peft_spec, trainable_specs
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def build_peft_model(model: torch.nn.Module, arch: Architecture, cfg: ExportConfig
+                     ) -> tuple[torch.nn.Module, EmulatorSpec, list[TensorSpec], Any]:
+    """Emulator + PEFT on ``model`` (mutated). Returns the PEFT model, the layer map, the trainable
+    tensors and the PEFT config for the full model. Tests build their torch reference with this too."""
+    n_full = getattr(model.config, arch.num_layers_attr)
+    if cfg.emulator is not None:
+        spec = select_layers(n_full, cfg.emulator.first, cfg.emulator.last, cfg.emulator.middle)
+    else:
+        spec = full_spec(n_full)
+    apply_emulator(model, arch, spec)
+    pm, full_cfg = attach_peft(model, arch, cfg, spec)
+    specs = trainable_specs(pm, arch, cfg.trainable_blocks, len(spec.layer_map))
+    pm.eval()
+    return pm, spec, specs, full_cfg
+
+
+def export_bundle(
+    model: str | os.PathLike | torch.nn.Module,
+    out: str | Path,
+    config: ExportConfig | None = None,
+    *,
+    force: bool = False,
+    tokenizer_json: str | None = None,
+    source_id: str | None = None,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Manifest:
+    """Export ``model`` (a directory / cached hub id, or an in-memory ``transformers`` model, which is
+    copied, not modified) to a device bundle at ``out``. Options are :class:`ExportConfig` fields."""
+    say = progress or _noop
+    if config is not None and options:
+        raise TypeError("give either config= or keyword options, not both")
+    if config is None:
+        if isinstance(options.get("emulator"), (tuple, list)):
+            f, m, l_ = options["emulator"]
+            options["emulator"] = EmulatorConfig(first=f, middle=m, last=l_)
+        config = ExportConfig(**options)
+    cfg = config
+    out = Path(out)
+    check_destination(out, force)
+
+    say("loading model")
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if isinstance(model, str):
+        hf, arch = load_model(model, cfg)
+        tok = load_tokenizer_json(model)
+        src, src_sha = model, source_sha256(model)
+    else:
+        if tokenizer_json is None:
+            raise ExportError("an in-memory model needs tokenizer_json= (the tokenizers JSON the device will use)")
+        arch = architecture_for(model.config.model_type, cfg.task)
+        hf = copy.deepcopy(model).eval()
+        tok = tokenizer_json
+        src, src_sha = source_id or getattr(model.config, "_name_or_path", "") or "in-memory", "in-memory"
+
+    say("attaching emulator and PEFT")
+    pm, spec, specs, full_cfg = build_peft_model(hf, arch, cfg)
+    names = [s.name for s in specs]
+    vocab = int(hf.config.vocab_size)
+    n_virtual = cfg.num_virtual_tokens if "prompt" in cfg.peft else 0
+
+    say("exporting training graph")
+    train_graph = onnx_graph.prepare_graph(
+        onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab), names)
+    say("exporting inference graph")
+    infer_graph = onnx_graph.prepare_graph(onnx_graph.export_inference_graph(pm, cfg.task, cfg.opset, vocab), names)
+
+    with staging_dir(out) as tmp:
+        say("generating ONNX Runtime training artifacts")
+        training_artifacts.generate(train_graph, names, tmp)
+        onnx.save(infer_graph, str(tmp / "inference.onnx"))
+        (tmp / "tokenizer.json").write_text(tok)
+        extras: list[str] = []
+        if cfg.quantize_inference:
+            say("quantizing inference graph to int8")
+            from export.quantize import quantize_int8
+
+            quantize_int8(tmp / "inference.onnx", tmp / "inference.int8.onnx")
+            extras.append("inference.int8.onnx")
+        if cfg.torch_program:
+            say("writing torch.export program")
+            from export.torch_program import save_torch_program
+
+            save_torch_program(pm, cfg.task, n_virtual, vocab, tmp / "model.pt2", names)
+            extras.append("model.pt2")
+
+        block_params = {i: 0 for i in range(len(spec.layer_map))}
+        for s in specs:
+            if s.block is not None:
+                block_params[s.block] += s.numel
+        total = sum(p.numel() for p in pm.parameters())
+
+        def make_manifest(files: dict[str, str]) -> Manifest:
+            return Manifest(
+                kit_version=__version__,
+                created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                source_model=str(src),
+                source_model_sha256=src_sha,
+                architecture=type(hf).__name__,
+                model_type=hf.config.model_type,
+                task=cfg.task,
+                labels=cfg.label_names,
+                max_length=cfg.max_length,
+                inputs=["input_ids", "attention_mask"],
+                label_input="labels",
+                eval_outputs=["loss", "logits"],
+                pad_token_id=pad_token_id(hf, tok),
+                emulator=spec,
+                peft=peft_spec(cfg, arch, spec, full_cfg),
+                trainable=specs,
+                block_params=block_params,
+                params_total=int(total),
+                params_trainable=int(sum(s.numel for s in specs)),
+                opset=cfg.opset,
+                ir_version=int(train_graph.ir_version),
+                files=files,
+                extras=extras,
+            )
+
+        say("hashing and writing manifest")
+        return finalize(tmp, out, make_manifest, force)

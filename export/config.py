@@ -1,0 +1,88 @@
+"""What to export: one pydantic model shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PeftChoice = Literal["lora", "prompt", "head", "lora+prompt"]
+
+
+class EmulatorConfig(BaseModel):
+    """Keep the first ``first`` and last ``last`` blocks (trainable) and ``middle`` frozen middle blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+    first: int = 2
+    middle: int = 0
+    last: int = 2
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["seq-cls", "causal-lm"] = "seq-cls"
+    num_labels: int | None = None
+    labels: list[str] | None = None
+    peft: PeftChoice = "lora"
+    #: train the classification head (seq-cls only)
+    head: bool = True
+    lora_r: int = 8
+    lora_alpha: float | None = None  # default: 2 * r of the block (PEFT's common choice)
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # default: the architecture's attention query/value
+    #: explicit LoRA rank per (emulator) block; 0 = no LoRA in that block
+    lora_ranks: list[int] | None = None
+    num_virtual_tokens: int = 8
+    #: emulator blocks whose tensors are trainable (None = all)
+    trainable_blocks: list[int] | None = None
+    emulator: EmulatorConfig | None = None
+    max_length: int = 64
+    opset: int = 17
+    seed: int = 0
+    quantize_inference: bool = False
+    #: also write ``model.pt2`` (torch.export program of the same forward) for the torch device backend
+    torch_program: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExportConfig":
+        from export.errors import ExportError
+
+        if self.lora_r <= 0:
+            raise ExportError(f"LoRA rank must be > 0 (got --lora-r {self.lora_r})")
+        if self.lora_ranks is not None and any(r < 0 for r in self.lora_ranks):
+            raise ExportError(f"per-block LoRA ranks must be >= 0 (got {self.lora_ranks})")
+        if self.lora_ranks is not None and not any(self.lora_ranks) and "lora" in self.peft:
+            raise ExportError("every per-block LoRA rank is 0: give at least one block a rank > 0")
+        if self.max_length <= 1:
+            raise ExportError(f"--max-length must be > 1 (got {self.max_length})")
+        if self.task == "seq-cls":
+            if self.labels is not None and len(self.labels) < 2:
+                raise ExportError("--labels needs at least two names, e.g. --labels negative,positive")
+            if self.labels is not None and len(set(self.labels)) != len(self.labels):
+                raise ExportError(f"--labels has duplicate names: {self.labels}")
+            if self.labels is None and (self.num_labels is None or self.num_labels < 2):
+                raise ExportError("sequence classification needs --num-labels N (N >= 2) or --labels A,B,...")
+            if self.labels is not None and self.num_labels is not None and self.num_labels != len(self.labels):
+                raise ExportError("--num-labels and --labels disagree; give one of them")
+        if self.num_virtual_tokens <= 0 and "prompt" in self.peft:
+            raise ExportError("soft prompt tuning needs --prompt-tokens > 0")
+        return self
+
+    @property
+    def label_names(self) -> list[str]:
+        if self.task != "seq-cls":
+            return []
+        if self.labels is not None:
+            return list(self.labels)
+        return [str(i) for i in range(self.num_labels or 0)]
+
+
+class ExportRequest(BaseModel):
+    """A whole export: source, destination and config."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    out: str
+    force: bool = False
+    config: ExportConfig = Field(default_factory=ExportConfig)

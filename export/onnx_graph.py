@@ -1,0 +1,161 @@
+"""Torch -> ONNX for training, and the graph preparation ONNX Runtime training needs, in one place.
+
+The traps, each handled here once:
+- constant folding renames or folds away weights (e.g. the transposed LoRA matrices): export with
+  ``do_constant_folding=False`` on the TorchScript exporter;
+- the TorchScript exporter de-duplicates initializers with equal values (every freshly initialised
+  ``lora_B`` is all zeros) behind ``Identity`` nodes: give each parameter its own initializer again;
+- LayerNormalization / Dropout need their optional outputs for ORT's gradient builder
+  (onnxruntime issue 19427);
+- SDPA has no ORT gradient: the model is loaded with eager attention (see ``loading``);
+- the loss is written once in torch and exported with the forward (``TrainingForward``), so the ORT
+  graph and the torch reference compute the same function, token-level cross-entropy with
+  ignore index -100 for causal LMs included (the stock CrossEntropy block is wrong for [B,S,V]);
+- onnxruntime-training 1.19 accepts IR version <= 10.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+from export.errors import ExportError
+
+MAX_IR_VERSION = 10
+_PREFIX = "m."  # attribute name of the wrapped model inside the export wrappers below
+IGNORE_INDEX = -100
+
+
+class TrainingForward(torch.nn.Module):
+    """``(input_ids, attention_mask, labels) -> (loss, logits)`` around a (PEFT) model."""
+
+    def __init__(self, model: torch.nn.Module, task: str, num_virtual_tokens: int = 0):
+        super().__init__()
+        self.m = model
+        self.task = task
+        self.num_virtual_tokens = num_virtual_tokens
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+        return loss_from_logits(logits, labels, self.task, self.num_virtual_tokens), logits
+
+
+class InferenceForward(torch.nn.Module):
+    """``(input_ids, attention_mask) -> logits``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, task: str, num_virtual_tokens: int = 0):
+    """The kit's training loss; the same function in the torch reference and in the ONNX graph."""
+    if task == "seq-cls":
+        return F.cross_entropy(logits, labels)
+    if num_virtual_tokens:
+        logits = logits[:, num_virtual_tokens:, :]  # soft-prompt positions predict nothing
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def sample_inputs(task: str, batch: int = 2, seq: int = 8, vocab: int = 100) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq // 2:] = 0
+    labels = torch.zeros(batch, dtype=torch.long) if task == "seq-cls" else ids.clone()
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+            dynamic_axes: dict, opset: int) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, buf, dynamo=False, do_constant_folding=False, export_params=True,
+            opset_version=opset, input_names=input_names, output_names=output_names,
+            dynamic_axes=dynamic_axes, training=torch.onnx.TrainingMode.EVAL,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def export_training_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int, opset: int,
+                          vocab: int) -> onnx.ModelProto:
+    wrapper = TrainingForward(model, task, num_virtual_tokens).eval()
+    x = sample_inputs(task, vocab=vocab)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+            "labels": {0: "batch"} if task == "seq-cls" else {0: "batch", 1: "seq"},
+            "logits": {0: "batch"} if task == "seq-cls" else {0: "batch", 1: "seq_out"}}
+    return _export(wrapper, (x["input_ids"], x["attention_mask"], x["labels"]),
+                   ["input_ids", "attention_mask", "labels"], ["loss", "logits"], axes, opset)
+
+
+def export_inference_graph(model: torch.nn.Module, task: str, opset: int, vocab: int) -> onnx.ModelProto:
+    wrapper = InferenceForward(model).eval()
+    x = sample_inputs(task, vocab=vocab)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+            "logits": {0: "batch"} if task == "seq-cls" else {0: "batch", 1: "seq_out"}}
+    return _export(wrapper, (x["input_ids"], x["attention_mask"]), ["input_ids", "attention_mask"],
+                   ["logits"], axes, opset)
+
+
+def prepare_graph(model: onnx.ModelProto, expected: list[str]) -> onnx.ModelProto:
+    """Make an exported graph trainable by ORT; assert every expected trainable name survived."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+
+    # 1. Undo initializer de-duplication: Identity(initializer) -> its own initializer.
+    kept = []
+    for node in g.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[node.input[0]])
+            t.name = node.output[0]
+            g.initializer.append(t)
+        else:
+            kept.append(node)
+    del g.node[:]
+    g.node.extend(kept)
+
+    # 2. Strip the wrapper's attribute prefix so names are PEFT's own state-dict names.
+    rename = {t.name: t.name[len(_PREFIX):] for t in g.initializer if t.name.startswith(_PREFIX)}
+    for t in g.initializer:
+        t.name = rename.get(t.name, t.name)
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+
+    # 3. Optional outputs the gradient builder needs.
+    for node in g.node:
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            node.output.extend([f"{node.output[0]}__mean", f"{node.output[0]}__inv_std"])
+        elif node.op_type == "Dropout" and len(node.output) == 1:
+            node.output.append(f"{node.output[0]}__mask")
+
+    # 4. IR version and names.
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    names = {t.name for t in g.initializer}
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise ExportError(
+            f"{len(missing)} trainable tensors did not survive ONNX export as initializers "
+            f"(first: {missing[0]}); constant folding or an exporter change renamed them"
+        )
+    return model
+
+
+def initializer_names(model: onnx.ModelProto) -> list[str]:
+    return [t.name for t in model.graph.initializer]
