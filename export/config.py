@@ -65,6 +65,8 @@ class ExportConfig(BaseModel):
                 raise ExportError("sequence classification needs --num-labels N (N >= 2) or --labels A,B,...")
             if self.labels is not None and self.num_labels is not None and self.num_labels != len(self.labels):
                 raise ExportError("--num-labels and --labels disagree; give one of them")
+        if self.task == "causal-lm" and "prompt" in self.peft:
+            raise ExportError("soft prompts are supported for --task seq-cls; use --peft lora for causal LMs")
         if self.num_virtual_tokens <= 0 and "prompt" in self.peft:
             raise ExportError("soft prompt tuning needs --prompt-tokens > 0")
         return self

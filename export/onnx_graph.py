@@ -16,6 +16,7 @@ The traps, each handled here once:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -40,19 +41,40 @@ class TrainingForward(torch.nn.Module):
         self.num_virtual_tokens = num_virtual_tokens
 
     def forward(self, input_ids, attention_mask, labels):
-        logits = self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = self.m(**model_inputs(self.task, input_ids, attention_mask)).logits
         return loss_from_logits(logits, labels, self.task, self.num_virtual_tokens), logits
 
 
 class InferenceForward(torch.nn.Module):
     """``(input_ids, attention_mask) -> logits``."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, task: str):
         super().__init__()
         self.m = model
+        self.task = task
 
     def forward(self, input_ids, attention_mask):
-        return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.m(**model_inputs(self.task, input_ids, attention_mask)).logits
+
+
+def model_inputs(task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Keyword inputs for the HF model that trace with dynamic batch and sequence sizes.
+
+    Decoders build positions and the causal mask from Python ints (``torch.arange(seq)``), which the
+    tracer freezes at the sample's length. Here both are computed from tensors instead: positions
+    ``0..S-1`` and the same additive causal+padding mask transformers' eager path builds (a 4-D mask
+    is used as given). The parity tests compare the result with the plain HF call.
+    """
+    if task == "seq-cls":
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    positions = torch.cumsum(torch.ones_like(input_ids), dim=-1) - 1  # [B, S]: 0..S-1
+    idx = positions[0]
+    causal = idx.unsqueeze(0) <= idx.unsqueeze(1)  # [S(q), S(k)]: key position <= query position
+    allowed = causal.unsqueeze(0).unsqueeze(0) & attention_mask.bool().unsqueeze(1).unsqueeze(2)
+    zero = torch.zeros((), dtype=torch.float32)
+    neg = torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32)
+    mask4d = torch.where(allowed, zero, neg)
+    return {"input_ids": input_ids, "attention_mask": mask4d, "position_ids": positions, "cache_position": idx}
 
 
 def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, task: str, num_virtual_tokens: int = 0):
@@ -77,10 +99,28 @@ def sample_inputs(task: str, batch: int = 2, seq: int = 8, vocab: int = 100) -> 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@contextlib.contextmanager
+def _traceable_masks():
+    """transformers builds decoder attention masks with ``torch.vmap`` on torch >= 2.6, which the
+    TorchScript tracer cannot follow; use its broadcasting (pre-2.6) implementation while exporting.
+    Both build the same mask; the parity tests check the exported graph against torch."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # older transformers: nothing to patch
+        yield
+        return
+    saved = masking_utils.sdpa_mask
+    masking_utils.sdpa_mask = masking_utils.sdpa_mask_older_torch
+    try:
+        yield
+    finally:
+        masking_utils.sdpa_mask = saved
+
+
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
             dynamic_axes: dict, opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _traceable_masks():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, buf, dynamo=False, do_constant_folding=False, export_params=True,
@@ -102,7 +142,7 @@ def export_training_graph(model: torch.nn.Module, task: str, num_virtual_tokens:
 
 
 def export_inference_graph(model: torch.nn.Module, task: str, opset: int, vocab: int) -> onnx.ModelProto:
-    wrapper = InferenceForward(model).eval()
+    wrapper = InferenceForward(model, task).eval()
     x = sample_inputs(task, vocab=vocab)
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
             "logits": {0: "batch"} if task == "seq-cls" else {0: "batch", 1: "seq_out"}}
