@@ -17,7 +17,7 @@ from device_runtime.bundle.manifest import EmulatorSpec, Manifest, TensorSpec
 from export import onnx_graph, training_artifacts
 from export.architectures import Architecture, architecture_for
 from export.bundle_writer import check_destination, finalize, staging_dir
-from export.config import EmulatorConfig, ExportConfig
+from export.config import ExportConfig
 from export.emulator import apply_emulator, full_spec, select_layers
 from export.errors import ExportError
 from export.loading import load_model, load_tokenizer_json, pad_token_id, source_sha256
@@ -63,9 +63,6 @@ def export_bundle(
     if config is not None and options:
         raise TypeError("give either config= or keyword options, not both")
     if config is None:
-        if isinstance(options.get("emulator"), (tuple, list)):
-            f, m, l_ = options["emulator"]
-            options["emulator"] = EmulatorConfig(first=f, middle=m, last=l_)
         config = ExportConfig(**options)
     cfg = config
     out = Path(out)

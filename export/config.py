@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PeftChoice = Literal["lora", "prompt", "head", "lora+prompt"]
 
@@ -43,6 +43,18 @@ class ExportConfig(BaseModel):
     quantize_inference: bool = False
     #: also write ``model.pt2`` (torch.export program of the same forward) for the torch device backend
     torch_program: bool = False
+
+    @field_validator("emulator", mode="before")
+    @classmethod
+    def _emulator_tuple(cls, v):
+        """Accept ``(first, middle, last)`` as the CLI's ``--emulator 2,0,2`` does."""
+        if isinstance(v, (tuple, list)):
+            if len(v) != 3:
+                from export.errors import ExportError
+
+                raise ExportError(f"--emulator takes FIRST,MIDDLE,LAST (three numbers), got {list(v)}")
+            return {"first": v[0], "middle": v[1], "last": v[2]}
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "ExportConfig":

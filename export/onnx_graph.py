@@ -100,7 +100,7 @@ def sample_inputs(task: str, batch: int = 2, seq: int = 8, vocab: int = 100) -> 
 
 
 @contextlib.contextmanager
-def _traceable_masks():
+def traceable_masks():
     """transformers builds decoder attention masks with ``torch.vmap`` on torch >= 2.6, which the
     TorchScript tracer cannot follow; use its broadcasting (pre-2.6) implementation while exporting.
     Both build the same mask; the parity tests check the exported graph against torch."""
@@ -120,7 +120,7 @@ def _traceable_masks():
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
             dynamic_axes: dict, opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad(), _traceable_masks():
+    with warnings.catch_warnings(), torch.no_grad(), traceable_masks():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, buf, dynamo=False, do_constant_folding=False, export_params=True,
