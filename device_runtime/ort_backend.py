@@ -1,0 +1,90 @@
+"""The default training backend: ONNX Runtime's on-device training API on the bundle's artifacts.
+
+One object holds the three ORT pieces (CheckpointState, Module, Optimizer) and exposes the few
+operations the training loop, evaluation, prediction and checkpointing need, by tensor name, so
+the torch backend can offer the same surface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from device_runtime.bundle.load import Bundle
+from device_runtime.errors import BundleError
+from device_runtime.ort_training import load_training_api, quiet, set_seed
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None):
+        api = load_training_api()
+        quiet()
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        ckpt = Path(checkpoint) if checkpoint is not None else bundle.checkpoint
+        try:
+            self._state = api.CheckpointState.load_checkpoint(str(ckpt))
+            self._module = api.Module(str(bundle.training_model), self._state, str(bundle.eval_model))
+            self._optimizer = api.Optimizer(str(bundle.optimizer_model), self._module)
+        except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeErrors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"ONNX Runtime could not load the bundle {bundle.root} ({first}); "
+                              "verify it with `deft bundle verify` or re-export it") from None
+        self._api = api
+        names = {n for n, _ in self._state.parameters}
+        missing = [n for n in self.manifest.trainable_names if n not in names]
+        if missing:
+            raise BundleError(f"{bundle.checkpoint}: has no tensor {missing[0]!r} that the manifest lists as "
+                              "trainable; the manifest does not match the graphs, re-export the bundle")
+        self._label_dtype = np.int64
+
+    # -- training ---------------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, np.ndarray], lr: float, step: int, seed: int) -> float:
+        """One optimizer step; randomness (dropout) is seeded by (seed, step) so a resumed run repeats it."""
+        set_seed(seed * 1_000_003 + step)
+        self._optimizer.set_learning_rate(float(lr))
+        self._module.train()
+        out = self._module(*self._inputs(batch, with_labels=True))
+        self._optimizer.step()
+        self._module.lazy_reset_grad()
+        loss = out[0] if isinstance(out, tuple) else out
+        return float(np.asarray(loss))
+
+    def eval_batch(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        """(loss, logits) of the eval graph."""
+        self._module.eval()
+        out = self._module(*self._inputs(batch, with_labels=True))
+        return float(np.asarray(out[0])), np.asarray(out[1])
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits without labels (the eval graph needs a label input: give it a neutral one)."""
+        b = dict(batch)
+        ids = b["input_ids"]
+        if self.manifest.task == "seq-cls":
+            b["labels"] = np.zeros(ids.shape[0], dtype=np.int64)
+        else:
+            b["labels"] = np.where(b["attention_mask"] == 1, ids, -100).astype(np.int64)
+        return self.eval_batch(b)[1]
+
+    def _inputs(self, batch: dict[str, np.ndarray], with_labels: bool) -> list[np.ndarray]:
+        names = list(self.manifest.inputs) + ([self.manifest.label_input] if with_labels else [])
+        key = {self.manifest.label_input: "labels"}
+        return [np.ascontiguousarray(batch[key.get(n, n)], dtype=np.int64) for n in names]
+
+    # -- tensors ----------------------------------------------------------------------------------
+    def get_tensors(self) -> dict[str, np.ndarray]:
+        """The trainable tensors, by manifest name (copies)."""
+        return {n: np.array(self._state.parameters[n].data, dtype=np.float32, copy=True)
+                for n in self.manifest.trainable_names}
+
+    def set_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        """Overwrite trainable tensors in place (already validated by ``state.check_tensors``)."""
+        for n, v in tensors.items():
+            self._state.parameters[n] = np.ascontiguousarray(v, dtype=np.float32)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, path: str | Path, include_optimizer_state: bool = True) -> None:
+        self._api.CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state)
