@@ -33,6 +33,8 @@ class ExportConfig(BaseModel):
     lora_targets: list[str] | None = None  # default: the architecture's attention query/value
     #: explicit LoRA rank per (emulator) block; 0 = no LoRA in that block
     lora_ranks: list[int] | None = None
+    #: (min, max): LoRA ranks growing linearly with depth over the adapter blocks (DEFT per-block size)
+    rank_schedule: tuple[int, int] | None = None
     num_virtual_tokens: int = 8
     #: emulator blocks whose tensors are trainable (None = all)
     trainable_blocks: list[int] | None = None
@@ -66,6 +68,10 @@ class ExportConfig(BaseModel):
             raise ExportError(f"per-block LoRA ranks must be >= 0 (got {self.lora_ranks})")
         if self.lora_ranks is not None and not any(self.lora_ranks) and "lora" in self.peft:
             raise ExportError("every per-block LoRA rank is 0: give at least one block a rank > 0")
+        if self.rank_schedule is not None and (min(self.rank_schedule) <= 0):
+            raise ExportError(f"--rank-schedule ranks must be > 0 (got {self.rank_schedule})")
+        if self.rank_schedule is not None and self.lora_ranks is not None:
+            raise ExportError("give either --lora-ranks or --rank-schedule, not both")
         if self.max_length <= 1:
             raise ExportError(f"--max-length must be > 1 (got {self.max_length})")
         if self.task == "seq-cls":

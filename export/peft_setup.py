@@ -30,6 +30,11 @@ def block_ranks(cfg: ExportConfig, spec: EmulatorSpec) -> dict[int, int]:
         if bad:
             raise ExportError(f"blocks {bad} are frozen emulator middle blocks and cannot take LoRA ranks")
         return ranks
+    if cfg.rank_schedule is not None:
+        lo, hi = cfg.rank_schedule
+        blocks = sorted(spec.adapter_blocks)
+        span = max(1, len(blocks) - 1)
+        return {b: int(round(lo + (hi - lo) * k / span)) for k, b in enumerate(blocks)}
     return {i: cfg.lora_r for i in spec.adapter_blocks}
 
 
@@ -73,6 +78,7 @@ def attach_peft(model: torch.nn.Module, arch: Architecture, cfg: ExportConfig, s
 
     task_type = _task_type(cfg)
     if cfg.peft == "lora":
+        _check_targets(model, arch, cfg)
         ranks = block_ranks(cfg, spec)
         peft_cfg = lora_config(arch, cfg, ranks, task_type)
         full_cfg = lora_config(arch, cfg, ranks, task_type, dict(enumerate(spec.layer_map)))
@@ -104,6 +110,21 @@ def attach_peft(model: torch.nn.Module, arch: Architecture, cfg: ExportConfig, s
             if "modules_to_save" in name:
                 p.requires_grad_(False)
     return pm, full_cfg
+
+
+def _check_targets(model: torch.nn.Module, arch: Architecture, cfg: ExportConfig) -> None:
+    """PEFT's own message for a target that matches nothing is long and generic; name the target."""
+    targets = list(cfg.lora_targets or arch.default_lora_targets)
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if arch.block_regex().search(n + ".") and not list(m.children())})
+        raise ExportError(
+            f"LoRA targets {missing} match no module of this '{arch.model_type}' model; "
+            f"modules inside its blocks: {', '.join(leaves[:12])} (default: --lora-targets "
+            f"{','.join(arch.default_lora_targets)})"
+        )
 
 
 def _head_only(model: torch.nn.Module, arch: Architecture) -> torch.nn.Module:

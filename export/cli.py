@@ -1,0 +1,103 @@
+"""``deft export``: a Hugging Face model to a device bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from export.errors import ExportError
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise ExportError(f"{what} takes comma-separated integers, got '{text}'") from None
+
+
+def _strs(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _schedule(text: str, n_hint: int | None = None) -> tuple[int, int]:
+    try:
+        kind, lo, hi = text.split(":")
+        assert kind == "linear"
+        return int(lo), int(hi)
+    except (ValueError, AssertionError):
+        raise ExportError(f"--rank-schedule takes linear:MIN:MAX (e.g. linear:4:16), got '{text}'") from None
+
+
+def export_command(
+    model: str = typer.Option(..., "--model", help="Model directory (or a hub id in the offline cache)."),
+    out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
+    task: str = typer.Option("seq-cls", "--task", help="seq-cls or causal-lm."),
+    num_labels: int | None = typer.Option(None, "--num-labels", help="Number of classes (seq-cls)."),
+    labels: str | None = typer.Option(None, "--labels", help="Class names, comma-separated (seq-cls)."),
+    peft: str = typer.Option("lora", "--peft", help="lora, prompt or head."),
+    head: bool = typer.Option(True, "--head/--no-head", help="Train the classification head (seq-cls)."),
+    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank (every adapter block)."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 2*r)."),
+    lora_targets: str | None = typer.Option(None, "--lora-targets",
+                                            help="Modules LoRA adapts (default: attention query,value)."),
+    lora_ranks: str | None = typer.Option(None, "--lora-ranks",
+                                          help="Rank per block, comma-separated; 0 = no LoRA in that block."),
+    rank_schedule: str | None = typer.Option(None, "--rank-schedule",
+                                             help="linear:MIN:MAX ranks growing with depth (per-block size)."),
+    prompt_tokens: int = typer.Option(8, "--prompt-tokens", help="Soft-prompt length (--peft prompt)."),
+    trainable_blocks: str | None = typer.Option(None, "--trainable-blocks",
+                                                help="Only these (emulator) blocks are trainable, e.g. 4,5."),
+    emulator: str | None = typer.Option(None, "--emulator",
+                                        help="FIRST,MIDDLE,LAST: keep first/last blocks trainable and MIDDLE "
+                                             "uniformly chosen frozen middle blocks (e.g. 2,0,2)."),
+    max_length: int = typer.Option(64, "--max-length", help="Token sequence length on the device."),
+    quantize: bool = typer.Option(False, "--quantize", help="Also write an int8 inference graph."),
+    torch_program: bool = typer.Option(False, "--torch-program",
+                                       help="Also write model.pt2 for the torch device backend."),
+    seed: int = typer.Option(0, "--seed", help="Seed for new weights (head, LoRA A)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Export a Hugging Face model to a device bundle (emulator + PEFT + ONNX Runtime training artifacts)."""
+    con = Console(stderr=True)
+    try:
+        from export.api import export_bundle
+        from export.config import ExportConfig
+
+        ranks = _ints(lora_ranks, "--lora-ranks")
+        emu = _ints(emulator, "--emulator")
+        opts = dict(task=task, num_labels=num_labels, labels=_strs(labels), peft=peft, head=head, lora_r=lora_r,
+                    lora_alpha=lora_alpha, lora_targets=_strs(lora_targets), lora_ranks=ranks,
+                    num_virtual_tokens=prompt_tokens, trainable_blocks=_ints(trainable_blocks, "--trainable-blocks"),
+                    emulator=emu, max_length=max_length, quantize_inference=quantize, torch_program=torch_program,
+                    seed=seed)
+        if rank_schedule is not None:
+            if ranks is not None:
+                raise ExportError("give either --lora-ranks or --rank-schedule, not both")
+            opts["rank_schedule"] = _schedule(rank_schedule)
+        try:
+            cfg = ExportConfig(**opts)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "option"
+            raise ExportError(f"--{field.replace('_', '-')}: {err['msg']}") from None
+        with con.status("exporting") as status:
+            manifest = export_bundle(model, out, cfg, force=force, progress=lambda s: status.update(s))
+    except ExportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    sizes = {n: (out / n).stat().st_size for n in manifest.files}
+    con.print(f"wrote {out}: {manifest.architecture}, blocks {manifest.emulator.layer_map} of "
+              f"{manifest.emulator.num_layers_full}, {manifest.peft.method}, "
+              f"{manifest.params_trainable:,} trainable of {manifest.params_total:,} parameters, "
+              f"{sum(sizes.values()) / 1e6:.1f} MB")
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "bundle": str(out), "bundle_hash": manifest.bundle_hash(),
+                               "params_trainable": manifest.params_trainable, "params_total": manifest.params_total,
+                               "layer_map": manifest.emulator.layer_map, "bytes": sum(sizes.values())}))
