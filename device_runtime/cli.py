@@ -1,0 +1,301 @@
+"""``deft device``: train, evaluate and predict on the device (no torch, no transformers).
+
+Every command takes ``--json`` and then prints, as its last stdout line, one JSON object (scripts
+parse that line). Problems with the user's inputs print ``error: <one line>`` and exit with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from device_runtime.errors import DeviceError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Train, evaluate and predict on a device (ONNX Runtime; no torch needed).")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _emit(report: dict, as_json: bool, human) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report, default=_json_default) + "\n")
+        sys.stdout.flush()
+    else:
+        human(report)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _load_tensors(path: Path, backend) -> dict[str, np.ndarray]:
+    """Full trainable tensors from a payload (a delta is applied to the backend's current tensors)
+    or a plain safetensors file."""
+    from device_runtime.payload import PayloadError, decode_update
+
+    if not path.is_file():
+        raise DeviceError(f"state file {path} does not exist")
+    blob = path.read_bytes()
+    try:
+        upd = decode_update(blob)
+    except PayloadError as exc:
+        if "not a deftkit update" not in str(exc):
+            raise DeviceError(f"{path}: {exc}") from None
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        try:
+            return load(blob)
+        except SafetensorError as exc2:
+            raise DeviceError(f"{path}: not a safetensors file or update payload ({exc2})") from None
+    if upd.meta.kind == "delta":
+        return upd.full_tensors(backend.get_tensors())
+    return upd.tensors
+
+
+@app.command()
+def train(
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory written by `deft export`."),
+    data: Path = typer.Option(..., "--data", help="Training data: .tsv/.csv/.jsonl (or .txt for causal LM)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out data for evaluation."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (ignored with --steps)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps (overrides --epochs)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    schedule: str = typer.Option("linear", "--schedule", help="linear | constant | cosine"),
+    warmup_steps: int = typer.Option(0, "--warmup-steps"),
+    seed: int = typer.Option(0, "--seed", help="Data order and dropout seed."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Default: the bundle's max length."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Default: sentence / text."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Default: label."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N usable training rows."),
+    long_rows: str = typer.Option("truncate", "--long-rows", help="truncate | skip rows over max length."),
+    global_state: Optional[Path] = typer.Option(None, "--global-state",
+                                                help="Start from these tensors (payload or safetensors)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the update payload here."),
+    encoding: str = typer.Option("fp32", "--encoding", help="fp32 | fp16 | int8 | int8-row"),
+    delta: bool = typer.Option(False, "--delta/--full", help="Send the change from the start tensors."),
+    topk: Optional[float] = typer.Option(None, "--topk", help="Keep this fraction of entries per tensor."),
+    device_id: str = typer.Option("device", "--device-id"),
+    round_: int = typer.Option(0, "--round", help="Federated round this update belongs to."),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None, "--checkpoint-dir", help="Resumable checkpoints (default: OUT.ckpt next to --out)."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints",
+                                          help="Keep the checkpoint directory after a finished run."),
+    backend: str = typer.Option("ort", "--backend", help="ort (default) | torch"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON report as the last stdout line."),
+) -> None:
+    """Fine-tune the bundle on local data and write an update payload."""
+    try:
+        report = _train(**locals())
+    except DeviceError as exc:
+        _fail(str(exc))
+    _emit(report, as_json, _human_train)
+
+
+def _train(*, bundle, data, eval_data, epochs, steps, batch_size, lr, schedule, warmup_steps, seed, eval_every,
+           max_length, text_column, label_column, limit, long_rows, global_state, out, encoding, delta, topk,
+           device_id, round_, checkpoint_dir, checkpoint_every, keep_checkpoints, backend, progress,
+           as_json) -> dict:
+    from device_runtime.bundle.load import load_bundle
+    from device_runtime.data import load_dataset
+    from device_runtime.payload import ENCODINGS, encode_update
+    from device_runtime.train import TrainConfig
+    from device_runtime.train import train as run_training
+
+    if schedule not in ("linear", "constant", "cosine"):
+        raise DeviceError(f"unknown schedule {schedule!r}; choose linear, constant or cosine")
+    if long_rows not in ("truncate", "skip"):
+        raise DeviceError(f"--long-rows must be truncate or skip, not {long_rows!r}")
+    if encoding not in ENCODINGS:
+        raise DeviceError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if topk is not None and not 0 < topk <= 1:
+        raise DeviceError(f"--topk {topk} must be a fraction in (0, 1]")
+    b = load_bundle(bundle)
+    kw = dict(text_column=text_column, label_column=label_column, max_length=max_length, long_rows=long_rows)
+    train_ds = load_dataset(data, b.manifest, b.tokenizer, limit=limit, **kw)
+    eval_ds = load_dataset(eval_data, b.manifest, b.tokenizer, **kw) if eval_data is not None else None
+    initial = None
+    if global_state is not None:
+        from device_runtime.backends import make_backend
+
+        initial = _load_tensors(global_state, make_backend(b, backend))
+    ck = checkpoint_dir if checkpoint_dir is not None else (out.with_name(out.name + ".ckpt") if out else None)
+    cfg = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, schedule=schedule,
+                      warmup_steps=warmup_steps, seed=seed, eval_every=eval_every,
+                      checkpoint_dir=str(ck) if ck else None, checkpoint_every=checkpoint_every,
+                      progress=progress, backend=backend)
+    result = run_training(b, train_ds, cfg, eval_ds, initial_state=initial)
+    report = dict(result.report)
+    report["payload_bytes"] = None
+    if out is not None:
+        from device_runtime.checkpointing import atomic_write_bytes
+
+        metrics = {k: report[k] for k in ("eval_accuracy", "eval_loss") if report.get(k) is not None}
+        if report["train_loss"]:
+            metrics["final_train_loss"] = report["train_loss"][-1]
+        blob = encode_update(result.tensors, bundle_hash=b.hash, device_id=device_id, round=round_,
+                             samples=report["samples"], metrics=metrics, encoding=encoding,
+                             base=result.start_tensors if delta else None, topk=topk)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, blob)
+        report.update(payload=str(out), payload_bytes=len(blob), encoding=encoding,
+                      payload_kind="delta" if delta else "full", topk=topk)
+        if ck is not None and checkpoint_dir is None and not keep_checkpoints:
+            shutil.rmtree(ck, ignore_errors=True)
+    report["checkpoint_dir"] = str(ck) if ck is not None and Path(ck).exists() else None
+    return report
+
+
+def _human_train(r: dict) -> None:
+    losses = r["train_loss"]
+    _table("deft device train", [
+        ("backend", r["backend"]),
+        ("steps", f"{r['steps']} ({r['steps_run']} run here"
+                  + (f", resumed from {r['resumed_from_step']}" if r.get("resumed_from_step") else "") + ")"),
+        ("samples", str(r["samples"])),
+        ("skipped rows", f"{r['skipped_rows']} {r['skipped'] or ''}"),
+        ("train loss", f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-"),
+        ("eval accuracy", _fmt(r["eval_accuracy"])),
+        ("median step", f"{_fmt(r['median_step_s'], '.4f')} s"),
+        ("peak RSS", f"{r['peak_rss_mb']} MB"),
+        ("payload", f"{r.get('payload')} ({r['payload_bytes']} bytes, {r.get('encoding')})"
+         if r.get("payload_bytes") else "-"),
+    ])
+
+
+@app.command("eval")
+def eval_command(
+    bundle: Path = typer.Option(..., "--bundle"),
+    data: Path = typer.Option(..., "--data", help="Labelled data to evaluate on."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
+    max_length: Optional[int] = typer.Option(None, "--max-length"),
+    text_column: Optional[str] = typer.Option(None, "--text-column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    backend: str = typer.Option("ort", "--backend"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Evaluate the bundle (optionally with trained tensors) on labelled data: loss and accuracy."""
+    from device_runtime.backends import make_backend
+    from device_runtime.bundle.load import load_bundle
+    from device_runtime.data import load_dataset
+    from device_runtime.evaluate import evaluate
+    from device_runtime.state import apply_global_state
+    from device_runtime.train import peak_rss_mb
+
+    try:
+        b = load_bundle(bundle)
+        ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, label_column=label_column,
+                          max_length=max_length)
+        be = make_backend(b, backend)
+        if state is not None:
+            apply_global_state(be, _load_tensors(state, be))
+        res = evaluate(be, ds, batch_size)
+    except DeviceError as exc:
+        _fail(str(exc))
+    report = {"accuracy": res["accuracy"], "loss": res["loss"], "rows": res["rows"],
+              "skipped_rows": ds.skipped_rows, "skipped": dict(ds.skipped), "bundle_hash": b.hash,
+              "state": str(state) if state else None, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    _emit(report, as_json, lambda r: _table("deft device eval", [
+        ("accuracy", _fmt(r["accuracy"])), ("loss", _fmt(r["loss"])), ("rows", str(r["rows"])),
+        ("skipped rows", str(r["skipped_rows"]))]))
+
+
+@app.command()
+def predict(
+    bundle: Path = typer.Option(..., "--bundle"),
+    data: Optional[Path] = typer.Option(None, "--data", help="File of texts (labels, if any, are ignored)."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="A text to classify (repeatable)."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
+    member: Optional[list[Path]] = typer.Option(
+        None, "--member", help="Prompt-ensemble member (payload/safetensors with e.g. a soft prompt; repeatable)."),
+    weight: Optional[list[float]] = typer.Option(None, "--weight", help="Weight per --member (repeatable)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column"),
+    max_length: Optional[int] = typer.Option(None, "--max-length"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    backend: str = typer.Option("ort", "--backend"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Classify texts with the trained state, or with a weighted prompt ensemble (--member ...)."""
+    from device_runtime.backends import make_backend
+    from device_runtime.bundle.load import load_bundle
+    from device_runtime.data import load_dataset, tokenize_texts
+    from device_runtime.predict import label_names, predict_ensemble, predict_proba
+    from device_runtime.state import apply_global_state
+
+    try:
+        if (data is None) == (not text):
+            raise DeviceError("give either --data FILE or one or more --text")
+        b = load_bundle(bundle)
+        if data is not None:
+            ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, labelled=False,
+                              max_length=max_length)
+        else:
+            ds = tokenize_texts(list(text), b.manifest, b.tokenizer, max_length)
+        be = make_backend(b, backend)
+        if state is not None:
+            apply_global_state(be, _load_tensors(state, be))
+        if member:
+            if weight and len(weight) != len(member):
+                raise DeviceError(f"{len(weight)} --weight values for {len(member)} --member files")
+            members = [_load_tensors(m, be) for m in member]
+            probs = predict_ensemble(be, ds, members, weight or None, batch_size)
+        else:
+            probs = predict_proba(be, ds, batch_size)
+    except DeviceError as exc:
+        _fail(str(exc))
+    pred = probs.argmax(-1)
+    names = label_names(b.manifest, pred)
+    rows = [{"text": t, "label": n, "probs": [round(float(x), 6) for x in p]}
+            for t, n, p in zip(ds.texts, names, probs)]
+    report = {"predictions": rows, "labels": b.manifest.labels, "ensemble": len(member or []),
+              "skipped_rows": ds.skipped_rows}
+
+    def human(r: dict) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="deft device predict")
+        for c in ("label", "p", "text"):
+            t.add_column(c)
+        for row in r["predictions"]:
+            t.add_row(row["label"], f"{max(row['probs']):.3f}", row["text"][:80])
+        Console().print(t)
+
+    _emit(report, as_json, human)
