@@ -1,0 +1,133 @@
+"""What every broker the kit runs or connects to offers, and the accounts it is provisioned with."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from device_runtime.protocol.topics import check_id
+
+
+class BrokerError(Exception):
+    """A broker could not be configured, started or reached. The CLI prints ``error: <message>``, exit 2."""
+
+
+Role = Literal["device", "edge"]
+
+
+@dataclass(frozen=True)
+class Account:
+    """One MQTT login. Devices log in with their device id as user name (the ACL keys on it)."""
+
+    username: str
+    password: str
+    role: Role = "device"
+
+    def __post_init__(self) -> None:
+        check_id(self.username, "account name")
+        if not self.password or any(c in self.password for c in ":\n\r"):
+            raise BrokerError(f"password of {self.username!r} is empty or contains ':' or a newline: choose another")
+
+
+def make_accounts(devices: list[str], edge_user: str = "edge", passwords: dict[str, str] | None = None) -> list[Account]:
+    """An edge account and one account per device, with random passwords unless given."""
+    passwords = passwords or {}
+    names = [edge_user, *devices]
+    if len(set(names)) != len(names):
+        raise BrokerError(f"duplicate account names in {names}: every device needs its own id")
+    return [
+        Account(n, passwords.get(n) or secrets.token_urlsafe(18), "edge" if n == edge_user else "device")
+        for n in names
+    ]
+
+
+def save_accounts(path: str | Path, accounts: list[Account]) -> Path:
+    """Write the accounts (with passwords) readable by the owner only: this is how devices are provisioned."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"accounts": [asdict(a) for a in accounts]}, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def load_accounts(path: str | Path) -> list[Account]:
+    try:
+        raw = json.loads(Path(path).read_text())
+        return [Account(**a) for a in raw["accounts"]]
+    except FileNotFoundError:
+        raise BrokerError(f"accounts file {path} not found: create it with `deft edge broker --devices ...`") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BrokerError(f"accounts file {path} is malformed ({exc}): expected {{\"accounts\": [{{username, password, role}}]}}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(host: str, port: int, timeout: float, alive: "callable[[], bool] | None" = None) -> bool:
+    """Wait until ``host:port`` accepts TCP connections; False on timeout or when ``alive()`` turns False."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return True
+        if alive is not None and not alive():
+            return False
+        time.sleep(0.02)
+    return False
+
+
+class Broker(ABC):
+    """A broker the kit started (Mosquitto, embedded amqtt) or only connects to (external)."""
+
+    kind: str = "broker"
+    host: str
+    port: int
+    #: the largest MQTT packet the broker accepts (clients check payloads against it); None: unknown
+    max_packet_size: int | None = None
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def client_options(self) -> dict[str, object]:
+        """Keyword arguments for :class:`DeftClient` that this broker needs (protocol, packet limit)."""
+        return {"max_packet_size": self.max_packet_size} if self.max_packet_size else {}
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the broker (no-op for an external one)."""
+
+    @abstractmethod
+    def restart(self) -> None:
+        """Stop and start again on the same address, keeping persisted state."""
+
+    def is_running(self) -> bool:
+        return port_open(self.host, self.port)
+
+    def __enter__(self) -> "Broker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
