@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from device_runtime.protocol.topics import ROOT, VERSION_SEGMENT, acl_patterns
-from edge_broker.broker.base import Account, Broker, BrokerError, wait_port
+from edge_broker.broker.base import Account, Broker, BrokerError, port_open, wait_port
 
 log = logging.getLogger("deft.broker")
 
@@ -101,6 +101,11 @@ class EmbeddedBroker(Broker):
             return self
         if not self.conf_path.exists():
             self.write_files()
+        if port_open(self.host, self.port):
+            raise BrokerError(
+                f"the embedded broker did not start on {self.host}:{self.port}: the port is already in use "
+                "(another broker?); pick another with --port, or 0 for any free port"
+            )
         warnings.warn(LIMITS, EmbeddedBrokerWarning, stacklevel=2)
         log.warning(LIMITS)
         logf = open(self.log_path, "ab")

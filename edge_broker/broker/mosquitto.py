@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_runtime.protocol.topics import ROOT, VERSION_SEGMENT, acl_patterns, check_id
-from edge_broker.broker.base import Account, Broker, BrokerError, wait_port
+from edge_broker.broker.base import Account, Broker, BrokerError, port_open, wait_port
 
 DEFAULT_MAX_PACKET_SIZE = 8 * 1024 * 1024
 
@@ -167,6 +167,11 @@ class MosquittoBroker(Broker):
             return self
         if not self.conf_path.exists():
             self.write_files()
+        if port_open(self.host, self.port):
+            raise BrokerError(
+                f"mosquitto did not start on {self.host}:{self.port}: the port is already in use "
+                "(another broker?); pick another with --port, or 0 for any free port"
+            )
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._proc = subprocess.Popen(
             [self.binary, "-c", str(self.conf_path)],  # type: ignore[list-item]
