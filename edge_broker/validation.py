@@ -1,0 +1,172 @@
+"""Validate an update before it counts: one typed reason per way an update can be wrong.
+
+The coordinator calls :func:`validate_payload` on every received update blob (or
+:func:`validate_update` on already-decoded tensors). A rejection is logged, acknowledged to the
+device with its reason, stored with the update (so the report can count them) and the round goes on;
+nothing rejected ever reaches aggregation. Checks run cheapest first: size before decoding, identity
+before tensors, shapes before the full scan for NaN/Inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class RejectReason(str, Enum):
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"  # not decodable: truncated, tampered (content hash), not a payload
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_MISMATCH = "device_mismatch"  # payload says another device than the topic / login it came from
+    WRONG_ROUND = "wrong_round"
+    WRONG_BUNDLE = "wrong_bundle"
+    BAD_SAMPLES = "bad_samples"
+    MISSING_TENSOR = "missing_tensor"
+    UNEXPECTED_TENSOR = "unexpected_tensor"
+    WRONG_SHAPE = "wrong_shape"
+    WRONG_DTYPE = "wrong_dtype"
+    NON_FINITE = "non_finite"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: RejectReason
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
+
+class SpecLike(Protocol):
+    name: str
+    shape: Sequence[int]
+    dtype: str
+
+
+Spec = "SpecLike | tuple[str, Sequence[int], str]"
+
+
+def _norm_spec(s: Any) -> tuple[str, tuple[int, ...], np.dtype]:
+    if isinstance(s, tuple):
+        name, shape, dtype = s
+    else:
+        name, shape, dtype = s.name, s.shape, s.dtype
+    return name, tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+@dataclass
+class UpdateRules:
+    """What an update must look like in the current round.
+
+    ``specs`` is the bundle's trainable tensor list (``Manifest.trainable``: TensorSpec or
+    ``(name, shape, dtype)`` tuples). ``device_specs`` overrides it per device where devices train
+    different blocks (LoLa DEFT); with ``allow_subset`` an update may carry only some of the names.
+    """
+
+    devices: Collection[str]
+    round: int
+    bundle_hash: str
+    specs: Sequence[Any]
+    device_specs: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    allow_subset: bool = False
+    max_bytes: int = 64 * 1024 * 1024
+    max_samples: int = 10**9
+
+    def specs_for(self, device: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {n: (shape, dt) for n, shape, dt in map(_norm_spec, self.device_specs.get(device, self.specs))}
+
+
+def validate_update(
+    rules: UpdateRules,
+    *,
+    device: str,
+    round: int,
+    bundle_hash: str,
+    tensors: Mapping[str, np.ndarray],
+    samples: int,
+    payload_bytes: int | None = None,
+) -> Rejection | None:
+    """None if the update may count, else the first reason it may not."""
+    if payload_bytes is not None and payload_bytes > rules.max_bytes:
+        return Rejection(RejectReason.TOO_LARGE, f"{payload_bytes} bytes, limit {rules.max_bytes}")
+    if device not in rules.devices:
+        return Rejection(RejectReason.UNKNOWN_DEVICE, f"device {device!r} is not registered in this fleet")
+    if round != rules.round:
+        return Rejection(RejectReason.WRONG_ROUND, f"update is for round {round}, the current round is {rules.round}")
+    if bundle_hash != rules.bundle_hash:
+        return Rejection(RejectReason.WRONG_BUNDLE,
+                         f"update was trained on bundle {bundle_hash[:12]}, this round uses {rules.bundle_hash[:12]}")
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or not 0 < samples <= rules.max_samples:
+        return Rejection(RejectReason.BAD_SAMPLES, f"samples={samples!r}; must be an integer in 1..{rules.max_samples}")
+    expected = rules.specs_for(device)
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        return Rejection(RejectReason.UNEXPECTED_TENSOR, f"{extra[0]!r} is not trainable in this bundle" +
+                         (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
+    missing = sorted(set(expected) - set(tensors))
+    if missing and (not rules.allow_subset or not tensors):
+        return Rejection(RejectReason.MISSING_TENSOR, f"{missing[0]!r} is missing" +
+                         (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name in sorted(tensors):
+        arr = tensors[name]
+        shape, dtype = expected[name]
+        if tuple(arr.shape) != shape:
+            return Rejection(RejectReason.WRONG_SHAPE, f"{name!r} has shape {tuple(arr.shape)}, expected {shape}")
+        if np.dtype(arr.dtype) != dtype:
+            return Rejection(RejectReason.WRONG_DTYPE, f"{name!r} has dtype {arr.dtype}, expected {dtype}")
+    for name in sorted(tensors):
+        arr = np.asarray(tensors[name])
+        if not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            return Rejection(RejectReason.NON_FINITE, f"{name!r} has {bad} NaN/Inf values")
+    return None
+
+
+@dataclass
+class CheckedUpdate:
+    """A decoded update that passed validation (what the store and aggregation take)."""
+
+    device: str
+    round: int
+    samples: int
+    is_delta: bool
+    tensors: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+
+
+def validate_payload(
+    rules: UpdateRules, blob: bytes, *, sender: str, round: int | None = None
+) -> tuple[CheckedUpdate | None, Rejection | None]:
+    """Decode a device's update payload (``device_runtime.payload``) and validate it.
+
+    ``sender`` is who the broker says sent it (the topic's device id, which the ACL ties to the
+    login); ``round`` the topic's round. Exactly one of the two results is None.
+    """
+    from device_runtime.errors import PayloadError
+    from device_runtime.payload import decode_update
+
+    if len(blob) > rules.max_bytes:
+        return None, Rejection(RejectReason.TOO_LARGE, f"{len(blob)} bytes, limit {rules.max_bytes}")
+    if sender not in rules.devices:
+        return None, Rejection(RejectReason.UNKNOWN_DEVICE, f"device {sender!r} is not registered in this fleet")
+    try:
+        upd = decode_update(blob)
+    except PayloadError as exc:
+        return None, Rejection(RejectReason.MALFORMED, str(exc))
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is a malformed payload
+        return None, Rejection(RejectReason.MALFORMED, f"undecodable payload ({type(exc).__name__}: {exc})")
+    meta = upd.meta
+    if meta.device_id != sender:
+        return None, Rejection(RejectReason.DEVICE_MISMATCH,
+                               f"payload claims device {meta.device_id!r} but was sent by {sender!r}")
+    if round is not None and meta.round != round:
+        return None, Rejection(RejectReason.WRONG_ROUND, f"payload says round {meta.round}, sent on round {round}'s topic")
+    rej = validate_update(rules, device=sender, round=meta.round, bundle_hash=meta.bundle_hash,
+                          tensors=upd.tensors, samples=meta.samples, payload_bytes=len(blob))
+    if rej is not None:
+        return None, rej
+    return CheckedUpdate(sender, meta.round, meta.samples, meta.kind == "delta", upd.tensors, dict(meta.metrics)), None
