@@ -44,3 +44,27 @@ def brute_force(inst: Instance, bandwidth: np.ndarray | None = None) -> Allocati
     if not np.isfinite(lat[best]):
         raise diagnose_infeasible(inst, np.isfinite(t), "within its memory")
     return make_allocation(inst, "brute", combos[best], bw)
+
+
+def brute_force_joint(inst: Instance) -> Allocation:
+    """Joint optimum by enumeration: every capacity-1 matching, each with its optimal bandwidth split."""
+    from edge_broker.allocation.joint import _allocation, _level, _Pairs
+
+    total = inst.require_total_bandwidth()
+    if np.any(inst.arrays()["cap"] != 1):
+        raise InstanceError("brute-force joint supports capacity 1 only")
+    if inst.n < inst.d:
+        raise diagnose_infeasible(inst, np.ones((inst.n, inst.d), bool), "")
+    fits = inst.arrays()["m"][None, :] <= inst.arrays()["M"][:, None]
+    best: tuple[float, np.ndarray] | None = None
+    for perm in itertools.permutations(range(inst.n), inst.d):
+        match = np.array(perm, dtype=np.int64)
+        if not fits[match, np.arange(inst.d)].all():
+            continue
+        level = _level(_Pairs(inst, match), total)
+        if best is None or level < best[0]:
+            best = (level, match)
+    if best is None:
+        raise diagnose_infeasible(inst, fits, "within its memory")
+    _, alloc = _allocation(inst, "brute-joint", best[1], total)
+    return alloc
