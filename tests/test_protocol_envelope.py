@@ -95,3 +95,16 @@ def test_ack_refers_to_the_acknowledged_key():
 def test_json_on_a_binary_body_is_refused():
     with pytest.raises(EnvelopeError, match="not JSON"):
         _env().json()
+
+
+def test_json_bodies_round_trip_and_name_bad_fields():
+    from device_runtime.protocol.messages import Hello, Task, parse_body, to_envelope
+
+    task = Task(round=2, bundle_hash="ab" * 32, global_round=1, hyperparams={"lr": 1e-3}, encoding="int8")
+    env = Envelope.decode(to_envelope(task, sender="edge", fleet="lab", round=2).encode())
+    assert env.header.type == "task" and parse_body(env, Task) == task
+    with pytest.raises(EnvelopeError, match="expected a hello message, got task"):
+        parse_body(env, Hello)
+    bad = Envelope.build("task", sender="edge", fleet="lab", body=b'{"round": -1, "bundle_hash": "x"}', content="json")
+    with pytest.raises(EnvelopeError, match="field 'round'"):
+        parse_body(bad, Task)

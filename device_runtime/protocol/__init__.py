@@ -20,6 +20,7 @@ from device_runtime.protocol.errors import (
     TruncatedEnvelope,
     UnsupportedVersion,
 )
+from device_runtime.protocol.messages import Ack, BundleRequest, Heartbeat, Hello, Status, Task, parse_body, to_envelope
 from device_runtime.protocol.topics import PROTOCOL_VERSION, TopicInfo, Topics, acl_patterns, check_id, parse_topic
 from device_runtime.protocol.url import BrokerURL, parse_broker_url
 
@@ -29,6 +30,7 @@ __all__ = [
     "Reassembler", "SubscribeRefused", "TopicError", "TopicInfo", "Topics", "TruncatedEnvelope",
     "UnsupportedVersion", "acl_patterns", "check_id", "make_ack", "new_key", "parse_broker_url",
     "parse_topic", "payload_budget", "sha256_hex", "split",
+    "Ack", "BundleRequest", "Heartbeat", "Hello", "Status", "Task", "parse_body", "to_envelope",
 ]
 
 
