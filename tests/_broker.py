@@ -25,8 +25,16 @@ PASSWORDS = {"edge": "edge-secret", **{d: f"{d}-secret" for d in DEVICES}}
 TEST_MAX_PACKET = 64 * 1024
 
 __all__ = [
-    "FLEET", "DEVICES", "PASSWORDS", "TEST_MAX_PACKET", "BrokerUnderTest",
-    "mosquitto_binary", "mosquitto_broker", "embedded_broker", "fresh_mosquitto", "mqtt_client",
+    "DEVICES",
+    "FLEET",
+    "PASSWORDS",
+    "TEST_MAX_PACKET",
+    "BrokerUnderTest",
+    "embedded_broker",
+    "fresh_mosquitto",
+    "mosquitto_binary",
+    "mosquitto_broker",
+    "mqtt_client",
 ]
 
 

@@ -13,7 +13,13 @@ import pytest
 
 from device_runtime.protocol.client import DeftClient
 from device_runtime.protocol.envelope import Envelope
-from device_runtime.protocol.errors import AuthRefused, HashMismatch, PayloadTooLarge, PublishRefused, TruncatedEnvelope
+from device_runtime.protocol.errors import (
+    AuthRefused,
+    HashMismatch,
+    PayloadTooLarge,
+    PublishRefused,
+    TruncatedEnvelope,
+)
 from device_runtime.protocol.topics import parse_topic
 from edge_broker.broker.base import BrokerError
 from tests._broker import FLEET, TEST_MAX_PACKET

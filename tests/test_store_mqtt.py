@@ -21,7 +21,7 @@ BUNDLE = "a" * 64
 SPECS = [TensorSpec(name="layer.0.lora_A", shape=(8, 64)), TensorSpec(name="layer.0.lora_B", shape=(64, 8))]
 
 
-def _ingest(store: Store, rules: UpdateRules, q: "queue.Queue", n: int) -> list[str]:
+def _ingest(store: Store, rules: UpdateRules, q: queue.Queue, n: int) -> list[str]:
     """What the coordinator does per received update: validate, then store once under its key."""
     outcomes = []
     for _ in range(n):

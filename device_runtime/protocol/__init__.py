@@ -20,17 +20,64 @@ from device_runtime.protocol.errors import (
     TruncatedEnvelope,
     UnsupportedVersion,
 )
-from device_runtime.protocol.messages import Ack, BundleRequest, Heartbeat, Hello, Status, Task, parse_body, to_envelope
-from device_runtime.protocol.topics import PROTOCOL_VERSION, TopicInfo, Topics, acl_patterns, check_id, parse_topic
+from device_runtime.protocol.messages import (
+    Ack,
+    BundleRequest,
+    Heartbeat,
+    Hello,
+    Status,
+    Task,
+    parse_body,
+    to_envelope,
+)
+from device_runtime.protocol.topics import (
+    PROTOCOL_VERSION,
+    TopicInfo,
+    Topics,
+    acl_patterns,
+    check_id,
+    parse_topic,
+)
 from device_runtime.protocol.url import BrokerURL, parse_broker_url
 
 __all__ = [
-    "PROTOCOL_VERSION", "AuthRefused", "BrokerURL", "ChunkInfo", "ConnectError", "Envelope", "EnvelopeError",
-    "HashMismatch", "Header", "PayloadTooLarge", "ProtocolError", "PublishRefused", "PublishTimeout",
-    "Reassembler", "SubscribeRefused", "TopicError", "TopicInfo", "Topics", "TruncatedEnvelope",
-    "UnsupportedVersion", "acl_patterns", "check_id", "make_ack", "new_key", "parse_broker_url",
-    "parse_topic", "payload_budget", "sha256_hex", "split",
-    "Ack", "BundleRequest", "Heartbeat", "Hello", "Status", "Task", "parse_body", "to_envelope",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "AuthRefused",
+    "BrokerURL",
+    "BundleRequest",
+    "ChunkInfo",
+    "ConnectError",
+    "Envelope",
+    "EnvelopeError",
+    "HashMismatch",
+    "Header",
+    "Heartbeat",
+    "Hello",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "PublishRefused",
+    "PublishTimeout",
+    "Reassembler",
+    "Status",
+    "SubscribeRefused",
+    "Task",
+    "TopicError",
+    "TopicInfo",
+    "Topics",
+    "TruncatedEnvelope",
+    "UnsupportedVersion",
+    "acl_patterns",
+    "check_id",
+    "make_ack",
+    "new_key",
+    "parse_body",
+    "parse_broker_url",
+    "parse_topic",
+    "payload_budget",
+    "sha256_hex",
+    "split",
+    "to_envelope",
 ]
 
 

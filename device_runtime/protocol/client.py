@@ -91,7 +91,7 @@ class ClientStats:
 class _Sub:
     filter: str
     qos: int
-    queue: "queue.Queue[Received]"
+    queue: queue.Queue[Received]
 
 
 @dataclass
@@ -173,8 +173,8 @@ class DeftClient:
         self.protocol_version: str | None = None  # "5" or "3.1.1" once connected
         self.broker_max_packet: int | None = None
         self.stats = ClientStats()
-        self.errors: "queue.Queue[BadMessage]" = queue.Queue()
-        self.inbox: "queue.Queue[Received]" = queue.Queue()  # messages no subscription queue claims
+        self.errors: queue.Queue[BadMessage] = queue.Queue()
+        self.inbox: queue.Queue[Received] = queue.Queue()  # messages no subscription queue claims
         self.nodelay = False
         self._reassembler = Reassembler(spool_dir=spool_dir, max_transfer_bytes=max_transfer_bytes)
         self._subs: list[_Sub] = []
@@ -193,7 +193,7 @@ class DeftClient:
         self._stopping = False
 
     @classmethod
-    def from_url(cls, url: str, *, client_id: str, **kw: object) -> "DeftClient":
+    def from_url(cls, url: str, *, client_id: str, **kw: object) -> DeftClient:
         """``mqtt://user:pass@host:port`` or ``mqtts://...``; credentials in ``kw`` win over the URL's."""
         u = parse_broker_url(url)
         kw.setdefault("username", u.username)
@@ -213,7 +213,7 @@ class DeftClient:
         limits = [x for x in (self._user_max_packet, self.broker_max_packet) if x]
         return min(limits) if limits else DEFAULT_MAX_PACKET_SIZE
 
-    def connect(self, timeout: float = 10.0) -> "DeftClient":
+    def connect(self, timeout: float = 10.0) -> DeftClient:
         """Connect (retrying while the broker is not up yet) or raise AuthRefused / ConnectError."""
         versions = ["5", "3.1.1"] if self.requested_protocol == "auto" else [self.requested_protocol]
         deadline = time.monotonic() + timeout
@@ -328,7 +328,7 @@ class DeftClient:
         self._closed = True
         self._stop_paho()
 
-    def __enter__(self) -> "DeftClient":
+    def __enter__(self) -> DeftClient:
         if self._paho is None:
             self.connect()
         return self
@@ -411,8 +411,8 @@ class DeftClient:
 
     # ---- subscribe / publish --------------------------------------------------------------------
     def subscribe(
-        self, filter_: str, *, qos: int = 1, into: "queue.Queue[Received] | None" = None, timeout: float = 10.0
-    ) -> "queue.Queue[Received]":
+        self, filter_: str, *, qos: int = 1, into: queue.Queue[Received] | None = None, timeout: float = 10.0
+    ) -> queue.Queue[Received]:
         """Subscribe and wait for the broker's SUBACK; return the queue matching messages go to."""
         c = self._require()
         q: queue.Queue[Received] = into if into is not None else queue.Queue()

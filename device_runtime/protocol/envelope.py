@@ -86,7 +86,7 @@ class Header(BaseModel):
 class Envelope:
     """A decoded (and verified) message: ``header`` + ``body`` bytes."""
 
-    __slots__ = ("header", "body")
+    __slots__ = ("body", "header")
 
     def __init__(self, header: Header, body: bytes) -> None:
         self.header = header
@@ -104,7 +104,7 @@ class Envelope:
         key: str | None = None,
         content: ContentType = "bytes",
         meta: dict[str, Any] | None = None,
-    ) -> "Envelope":
+    ) -> Envelope:
         """Make an envelope, computing the body's hash and length."""
         header = Header(
             type=type, sender=sender, fleet=fleet, round=round, key=key or new_key(),
@@ -113,7 +113,7 @@ class Envelope:
         return cls(header, body)
 
     @classmethod
-    def json_message(cls, type: MsgType, obj: Any, **kw: Any) -> "Envelope":
+    def json_message(cls, type: MsgType, obj: Any, **kw: Any) -> Envelope:
         """An envelope whose body is ``obj`` as JSON (hello, heartbeat, acks, bundle requests)."""
         return cls.build(type, body=json.dumps(obj, separators=(",", ":")).encode(), content="json", **kw)
 
@@ -133,7 +133,7 @@ class Envelope:
         return PREFIX_BYTES + len(self.header.model_dump_json(exclude_none=True).encode()) + len(self.body)
 
     @classmethod
-    def decode(cls, data: bytes | bytearray | memoryview) -> "Envelope":
+    def decode(cls, data: bytes | bytearray | memoryview) -> Envelope:
         """Parse and verify. Raises a :class:`EnvelopeError` subclass naming what is wrong."""
         data = bytes(data)
         if len(data) < PREFIX_BYTES:

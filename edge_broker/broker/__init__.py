@@ -31,12 +31,17 @@ def start_broker(
     port: int = 1883,
     fleets: list[str] | None = None,
     max_packet_size: int | None = None,
-    tls: "object | None" = None,
+    tls: object | None = None,
     timeout: float = 20.0,
 ) -> Broker:
     """Write the config and start a broker; ``auto`` is Mosquitto if installed, else embedded (with a warning)."""
     from edge_broker.broker.embedded import EmbeddedBroker
-    from edge_broker.broker.mosquitto import DEFAULT_MAX_PACKET_SIZE, MosquittoBroker, MosquittoConfig, find_mosquitto
+    from edge_broker.broker.mosquitto import (
+        DEFAULT_MAX_PACKET_SIZE,
+        MosquittoBroker,
+        MosquittoConfig,
+        find_mosquitto,
+    )
 
     if kind not in ("auto", "mosquitto", "embedded"):
         raise BrokerError(f"unknown broker kind {kind!r}: use auto, mosquitto or embedded")

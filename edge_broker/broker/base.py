@@ -85,7 +85,7 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def wait_port(host: str, port: int, timeout: float, alive: "callable[[], bool] | None" = None) -> bool:
+def wait_port(host: str, port: int, timeout: float, alive: callable[[], bool] | None = None) -> bool:
     """Wait until ``host:port`` accepts TCP connections; False on timeout or when ``alive()`` turns False."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -126,7 +126,7 @@ class Broker(ABC):
     def is_running(self) -> bool:
         return port_open(self.host, self.port)
 
-    def __enter__(self) -> "Broker":
+    def __enter__(self) -> Broker:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -96,7 +96,7 @@ class EmbeddedBroker(Broker):
         self.conf_path.write_text(json.dumps(cfg, indent=2))
         return self.conf_path
 
-    def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         if self._proc is not None and self._proc.poll() is None:
             return self
         if not self.conf_path.exists():

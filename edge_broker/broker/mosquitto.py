@@ -162,7 +162,7 @@ class MosquittoBroker(Broker):
         return self.conf_path
 
     # ---- process --------------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
         if self._proc is not None and self._proc.poll() is None:
             return self
         if not self.conf_path.exists():
