@@ -37,7 +37,7 @@ def random_matching(inst: Instance, seed: int = 0, bandwidth: np.ndarray | None 
         raise diagnose_infeasible(inst, np.isfinite(t), "within its memory")
     match = np.empty(inst.d, dtype=np.int64)
     match[rows] = slot_dev[cols]
-    return make_allocation(inst, "random", match, bw)
+    return make_allocation(inst, "random", match, bw, idle_to_zero=bandwidth is None and _shared(inst))
 
 
 def greedy(inst: Instance, bandwidth: np.ndarray | None = None) -> Allocation:
@@ -55,10 +55,15 @@ def greedy(inst: Instance, bandwidth: np.ndarray | None = None) -> Allocation:
             raise Infeasible(f"greedy: {err}")
         match[j] = pick
         left[pick] -= 1
-    return make_allocation(inst, "greedy", match, bw)
+    return make_allocation(inst, "greedy", match, bw, idle_to_zero=bandwidth is None and _shared(inst))
+
+
+def _shared(inst: Instance) -> bool:
+    """True when the baselines split ``total_bandwidth`` (some device has no own bandwidth)."""
+    return any(d.bandwidth is None for d in inst.devices)
 
 
 def equal_split(inst: Instance) -> Allocation:
-    """Equal share of ``total_bandwidth`` for every device, with CRUNCH's optimal matching."""
-    bw = np.full(inst.n, inst.require_total_bandwidth() / inst.n)
-    return crunch(inst, bw, method="equal")
+    """Equal share of ``total_bandwidth`` for every busy device, with CRUNCH's optimal matching."""
+    bw = np.full(inst.n, inst.equal_share())
+    return crunch(inst, bw, method="equal", idle_to_zero=True)

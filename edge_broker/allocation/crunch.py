@@ -69,7 +69,8 @@ def bottleneck_matching(t: np.ndarray, cap: np.ndarray) -> tuple[float, np.ndarr
     return tau, match
 
 
-def crunch(inst: Instance, bandwidth: np.ndarray | None = None, method: str = "crunch") -> Allocation:
+def crunch(inst: Instance, bandwidth: np.ndarray | None = None, method: str = "crunch", *,
+           idle_to_zero: bool = False) -> Allocation:
     """Optimal matching at ``bandwidth`` (default: each device's own ``bandwidth``)."""
     bw = inst.own_bandwidth() if bandwidth is None else np.asarray(bandwidth, dtype=float)
     t = latency_matrix(inst, bw)
@@ -78,4 +79,4 @@ def crunch(inst: Instance, bandwidth: np.ndarray | None = None, method: str = "c
     if found is None:
         raise diagnose_infeasible(inst, np.isfinite(t), "within its memory")
     _, match = found
-    return make_allocation(inst, method, match, bw)
+    return make_allocation(inst, method, match, bw, idle_to_zero=idle_to_zero)

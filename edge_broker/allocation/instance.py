@@ -138,11 +138,19 @@ class Instance(_Strict):
             raise InstanceError("instance has no 'total_bandwidth'; joint and equal-split need it (Hz)")
         return float(self.total_bandwidth)
 
+    def equal_share(self) -> float:
+        """Equal split of ``total_bandwidth`` over the devices that can be busy: at most one per block.
+
+        With capacity-1 devices exactly ``min(N, D)`` devices upload, so giving each ``B / min(N, D)``
+        (and 0 to the idle ones, see :func:`idle_to_zero`) spends the whole band and never more.
+        """
+        return self.require_total_bandwidth() / min(self.n, self.d)
+
     def default_bandwidth(self) -> np.ndarray:
-        """Own bandwidths when every device has one, else an equal split of ``total_bandwidth``."""
+        """Own bandwidths when every device has one, else the equal share of ``total_bandwidth``."""
         if all(d.bandwidth is not None for d in self.devices):
             return self.own_bandwidth()
-        return np.full(self.n, self.require_total_bandwidth() / self.n)
+        return np.full(self.n, self.equal_share())
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -227,9 +235,16 @@ class Allocation(BaseModel):
 
 
 def make_allocation(inst: Instance, method: str, block_to_device: np.ndarray,
-                    bandwidth: np.ndarray) -> Allocation:
-    """Build an :class:`Allocation` from device indices per block and evaluate its latency."""
+                    bandwidth: np.ndarray, *, idle_to_zero: bool = False) -> Allocation:
+    """Build an :class:`Allocation` from device indices per block and evaluate its latency.
+
+    ``idle_to_zero``: devices with no block get no bandwidth (shared-band methods).
+    """
     ids = [d.id for d in inst.devices]
+    if idle_to_zero:
+        busy = np.zeros(inst.n, dtype=bool)
+        busy[np.asarray(block_to_device, dtype=np.int64)] = True
+        bandwidth = np.where(busy, bandwidth, 0.0)
     assignment = {b.depth: ids[int(k)] for b, k in zip(inst.blocks, block_to_device)}
     bw = {ids[i]: float(bandwidth[i]) for i in range(inst.n)}
     return Allocation(method=method, assignment=assignment, bandwidth=bw,

@@ -122,7 +122,7 @@ def _allocation(inst: Instance, method: str, match: np.ndarray, total: float) ->
 
 def _start(inst: Instance, total: float) -> np.ndarray:
     """CRUNCH's matching at the equal split: feasible whenever any allocation is."""
-    eq = crunch(inst, np.full(inst.n, total / inst.n), method="joint")
+    eq = crunch(inst, np.full(inst.n, inst.equal_share()), method="joint")
     idx = {d.id: i for i, d in enumerate(inst.devices)}
     return np.array([idx[eq.assignment[b.depth]] for b in inst.blocks], dtype=np.int64)
 
@@ -160,7 +160,7 @@ def joint_exact(inst: Instance, rtol: float = 1e-9) -> Allocation:
         raise InstanceError("the exact joint reference supports capacity 1 only")
     # Bounds: every device holding the whole band (a relaxation) and the equal split (feasible).
     lo = crunch(inst, np.full(inst.n, total)).latency
-    hi_alloc = crunch(inst, np.full(inst.n, total / inst.n))
+    hi_alloc = crunch(inst, np.full(inst.n, inst.equal_share()), idle_to_zero=True)
     hi = hi_alloc.latency
 
     def feasible(level: float) -> np.ndarray | None:
