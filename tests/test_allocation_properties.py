@@ -51,7 +51,7 @@ def instances(draw, max_n: int = 7, max_d: int = 7, monotone_updates: bool | Non
     return {"devices": devices, "blocks": blocks, "total_bandwidth": total, "noise": 4e-21}
 
 
-@settings(max_examples=250, **SETTINGS)
+@settings(max_examples=1500, **SETTINGS)
 @given(instances())
 def test_crunch_equals_brute_force(data: dict) -> None:
     inst = Instance.parse(data)
@@ -66,7 +66,7 @@ def test_crunch_equals_brute_force(data: dict) -> None:
     assert got.latency == pytest.approx(want.latency, rel=1e-12)
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=250, **SETTINGS)
 @given(instances(max_n=5, max_d=5, max_capacity=3))
 def test_crunch_equals_brute_force_with_capacity(data: dict) -> None:
     inst = Instance.parse(data)
@@ -81,7 +81,7 @@ def test_crunch_equals_brute_force_with_capacity(data: dict) -> None:
     assert got.latency == pytest.approx(want.latency, rel=1e-12)
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=600, **SETTINGS)
 @given(instances())
 def test_joint_within_one_percent_of_exact_and_feasible(data: dict) -> None:
     inst = Instance.parse(data)
