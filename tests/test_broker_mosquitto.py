@@ -204,7 +204,7 @@ def test_mosquitto_sub_shows_the_documented_topics(mosquitto_broker, mqtt_client
     b, t = mosquitto_broker.broker, mosquitto_broker.topics
     proc = subprocess.Popen(
         [sub, "-h", b.host, "-p", str(b.port), "-u", "edge", "-P", mosquitto_broker.passwords["edge"],
-         "-t", t.everything(), "-v", "-C", "3", "-W", "15", "-T", t.global_state()],
+         "-t", t.everything(), "-v", "-R", "-C", "3", "-W", "15"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     time.sleep(0.5)

@@ -336,6 +336,11 @@ class DeftClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def reassembler(self) -> Reassembler:
+        """Incomplete transfers: ``client.reassembler.missing(bundle_hash)`` is what a bundle request asks for."""
+        return self._reassembler
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
