@@ -1,9 +1,8 @@
 """deftkit device runtime: train a bundle on local data with ONNX Runtime, without torch.
 
 The public API is imported lazily (``from device_runtime import load_bundle``; the training loop is
-``device_runtime.train.train``) so that ``import
-device_runtime`` stays cheap and never pulls in ONNX Runtime before it is needed (and never torch,
-transformers or peft at all; see ``ort_training``).
+``device_runtime.train.train``) so that ``import device_runtime`` stays cheap and never pulls in
+ONNX Runtime before it is needed (and never torch, transformers or peft at all; see ``ort_training``).
 """
 
 from __future__ import annotations
