@@ -39,6 +39,8 @@ _META_KEY = "deftkit"
 _SCALES = "__scales__"
 _IDX = "::idx"
 _FP16_MAX = float(np.finfo(np.float16).max)
+#: largest tensor a payload may declare (elements); guards the dense buffer of a top-k tensor
+MAX_NUMEL = 1 << 28
 
 
 class PayloadMeta(BaseModel):
@@ -250,12 +252,18 @@ def decode_update(blob: bytes, *, bundle_hash: str | None = None) -> Update:
         if (name + _IDX in raw) != (name in meta.shapes):
             raise PayloadError(f"tensor {name!r}: top-k indices and header disagree")
         shape = tuple(meta.shapes[name]) if name in meta.shapes else tuple(raw[name].shape)
-        numel = int(np.prod(shape)) if shape else 1
+        if any(d < 0 for d in shape):
+            raise PayloadError(f"tensor {name!r}: negative dimension in shape {list(shape)}")
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if numel > MAX_NUMEL:
+            raise PayloadError(f"tensor {name!r}: declared shape {list(shape)} is larger than any LoRA update")
         vals = raw[name].reshape(-1)
         idx = raw.get(name + _IDX)
         if idx is not None:
             if idx.size != vals.size or (idx.size and (idx.min() < 0 or idx.max() >= numel)):
                 raise PayloadError(f"tensor {name!r}: top-k indices out of range")
+            if meta.topk is None or idx.size != max(1, int(numel * meta.topk + 0.5)):
+                raise PayloadError(f"tensor {name!r}: {idx.size} top-k entries do not match the header")
         elif vals.size != numel:
             raise PayloadError(f"tensor {name!r} has {vals.size} values, its shape {list(shape)} needs {numel}")
         if meta.encoding in ("int8", "int8-row"):
