@@ -40,8 +40,10 @@ def profiles_command(
         table.add_column("field")
         table.add_column("value", justify="right")
         table.add_column("source")
-        rows = {**p.model_dump(exclude={"sources", "uplink", "id", "name"}),
-                **{f"uplink.{k}": v for k, v in p.uplink.model_dump().items()}}
+        rows = {
+            **p.model_dump(exclude={"sources", "uplink", "id", "name"}),
+            **{f"uplink.{k}": v for k, v in p.uplink.model_dump().items()},
+        }
         for k, v in rows.items():
             table.add_row(k, f"{v:g}" if isinstance(v, float) else str(v), p.sources.get(k, ""))
         console.print(table)
@@ -50,9 +52,15 @@ def profiles_command(
     for col in ("id", "cores", "memory GiB", "CPU GFLOP/s", "GPU GFLOP/s", "mem GB/s", "uplink"):
         table.add_column(col, justify="left" if col in ("id", "uplink") else "right", no_wrap=col == "id")
     for p in chosen:
-        table.add_row(p.id, str(p.cpu_cores), f"{p.memory_bytes / 2**30:.0f}", f"{p.cpu_gflops_fp32:g}",
-                      f"{p.gpu_gflops_fp32:g}", f"{p.memory_bandwidth_gbs:g}",
-                      f"{p.uplink.kind} {p.uplink.bandwidth_hz / 1e6:g} MHz {p.uplink.tx_power_w:g} W")
+        table.add_row(
+            p.id,
+            str(p.cpu_cores),
+            f"{p.memory_bytes / 2**30:.0f}",
+            f"{p.cpu_gflops_fp32:g}",
+            f"{p.gpu_gflops_fp32:g}",
+            f"{p.memory_bandwidth_gbs:g}",
+            f"{p.uplink.kind} {p.uplink.bandwidth_hz / 1e6:g} MHz {p.uplink.tx_power_w:g} W",
+        )
     console.print(table)
 
 
@@ -60,7 +68,9 @@ def profiles_command(
 def scale_command(
     table: Path = typer.Argument(..., help="Cost table JSON measured on some profile."),
     to: str = typer.Option(..., "--to", help="Target profile id or .toml path."),
-    source: str = typer.Option(None, "--from", help="Profile the table was measured on (default: the table's)."),
+    source: str = typer.Option(
+        None, "--from", help="Profile the table was measured on (default: the table's)."
+    ),
     compute_fraction: float = typer.Option(0.8, help="Share of the step that is compute-bound."),
     out: Path = typer.Option(None, "--out", help="Write the predicted table here."),
     as_json: bool = typer.Option(False, "--json", help="Print the predicted table as one JSON line."),
@@ -85,10 +95,17 @@ def scale_command(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{measured.profile} -> {dst.id} (fits up to depth {deepest_fitting_depth(predicted, dst)})")
+    t = Table(
+        title=f"{measured.profile} -> {dst.id} (fits up to depth {deepest_fitting_depth(predicted, dst)})"
+    )
     for col in ("depth", "step s (measured)", "step s (predicted)", "peak MiB", "update KiB"):
         t.add_column(col, justify="right")
     for a, b in zip(measured.entries, predicted.entries):
-        t.add_row(str(a.depth), f"{a.step_latency_s:.4g}", f"{b.step_latency_s:.4g}",
-                  f"{b.peak_memory_bytes / 2**20:.0f}", f"{b.update_bytes / 1024:.1f}")
+        t.add_row(
+            str(a.depth),
+            f"{a.step_latency_s:.4g}",
+            f"{b.step_latency_s:.4g}",
+            f"{b.peak_memory_bytes / 2**20:.0f}",
+            f"{b.update_bytes / 1024:.1f}",
+        )
     Console().print(t)

@@ -36,7 +36,9 @@ class CostTable(BaseModel):
     profile: str = Field(min_length=1, description="id of the profile the table was measured on / is for")
     backend: Literal["cpu", "gpu"] = "cpu"
     source: Literal["measured", "predicted", "analytic"] = "measured"
-    predicted_from: str | None = Field(default=None, description="profile id a predicted table was scaled from")
+    predicted_from: str | None = Field(
+        default=None, description="profile id a predicted table was scaled from"
+    )
     model: str | None = None
     batch: int | None = Field(default=None, ge=1)
     seq: int | None = Field(default=None, ge=1)
@@ -52,8 +54,10 @@ class CostTable(BaseModel):
     # ---- monotonicity ----------------------------------------------------------------------
     def is_monotone(self) -> bool:
         """Latency and peak memory non-decreasing in depth (what the allocator's model assumes)."""
-        return all(b.step_latency_s >= a.step_latency_s and b.peak_memory_bytes >= a.peak_memory_bytes
-                   for a, b in zip(self.entries, self.entries[1:]))
+        return all(
+            b.step_latency_s >= a.step_latency_s and b.peak_memory_bytes >= a.peak_memory_bytes
+            for a, b in zip(self.entries, self.entries[1:])
+        )
 
     def monotone(self) -> CostTable:
         """Running maximum over depth: irons out measurement noise (a deeper block never costs less)."""
@@ -70,12 +74,21 @@ class CostTable(BaseModel):
         ``steps`` multiplies compute (a device runs several local steps per round).
         """
         if profile.id != self.profile:
-            raise CostTableError(f"cost table is for profile {self.profile!r}, not {profile.id!r}; scale it "
-                                 "first (hardware.scaling.scale_cost_table)")
+            raise CostTableError(
+                f"cost table is for profile {self.profile!r}, not {profile.id!r}; scale it "
+                "first (hardware.scaling.scale_cost_table)"
+            )
         f = profile.flops(self.backend)
         table = self.monotone()
-        return [{"depth": e.depth, "flops": e.step_latency_s * f * steps, "memory": e.peak_memory_bytes,
-                 "update_bytes": e.update_bytes} for e in table.entries]
+        return [
+            {
+                "depth": e.depth,
+                "flops": e.step_latency_s * f * steps,
+                "memory": e.peak_memory_bytes,
+                "update_bytes": e.update_bytes,
+            }
+            for e in table.entries
+        ]
 
     # ---- files -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

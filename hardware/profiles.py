@@ -16,8 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 BUILTIN_DIR = Path(__file__).with_name("profiles")
 
 # Every figure that must carry a citation in [sources].
-CITED_FIELDS = ("cpu_cores", "memory_bytes", "cpu_gflops_fp32", "gpu_gflops_fp32", "memory_bandwidth_gbs",
-                "uplink.bandwidth_hz", "uplink.tx_power_w")
+CITED_FIELDS = (
+    "cpu_cores",
+    "memory_bytes",
+    "cpu_gflops_fp32",
+    "gpu_gflops_fp32",
+    "memory_bandwidth_gbs",
+    "uplink.bandwidth_hz",
+    "uplink.tx_power_w",
+)
 
 
 class ProfileError(ValueError):
@@ -52,8 +59,10 @@ class Profile(BaseModel):
     def _every_figure_cited(self) -> Profile:
         missing = [f for f in CITED_FIELDS if not self.sources.get(f, "").strip()]
         if missing:
-            raise ValueError(f"sources.{missing[0]}: every figure needs a citation in [sources] "
-                             f"(missing: {', '.join(missing)})")
+            raise ValueError(
+                f"sources.{missing[0]}: every figure needs a citation in [sources] "
+                f"(missing: {', '.join(missing)})"
+            )
         return self
 
     def flops(self, backend: Literal["cpu", "gpu", "auto"] = "auto") -> float:
@@ -89,8 +98,9 @@ def load_profile(path: str | Path) -> Profile:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         if err["type"] == "missing":
-            raise ProfileError(f"profile file {p}: missing field '{loc}'; add it with a citation under "
-                               f"[sources]") from None
+            raise ProfileError(
+                f"profile file {p}: missing field '{loc}'; add it with a citation under [sources]"
+            ) from None
         msg = err["msg"].removeprefix("Value error, ")
         raise ProfileError(f"profile file {p}: field '{loc}': {msg}") from None
 

@@ -21,9 +21,14 @@ from hardware.profiles import Profile
 DEFAULT_COMPUTE_FRACTION = 0.8
 
 
-def time_factor(source: Profile, target: Profile, *, source_backend: Literal["cpu", "gpu"] = "cpu",
-                target_backend: Literal["cpu", "gpu", "auto"] = "auto",
-                compute_fraction: float = DEFAULT_COMPUTE_FRACTION) -> float:
+def time_factor(
+    source: Profile,
+    target: Profile,
+    *,
+    source_backend: Literal["cpu", "gpu"] = "cpu",
+    target_backend: Literal["cpu", "gpu", "auto"] = "auto",
+    compute_fraction: float = DEFAULT_COMPUTE_FRACTION,
+) -> float:
     """Multiplier from a step time on ``source`` to one on ``target``."""
     if not 0.0 <= compute_fraction <= 1.0:
         raise CostTableError(f"compute_fraction must be in [0, 1], got {compute_fraction}")
@@ -32,19 +37,37 @@ def time_factor(source: Profile, target: Profile, *, source_backend: Literal["cp
     return compute_fraction * compute + (1.0 - compute_fraction) * memory
 
 
-def scale_cost_table(table: CostTable, source: Profile, target: Profile, *,
-                     target_backend: Literal["cpu", "gpu", "auto"] = "auto",
-                     compute_fraction: float = DEFAULT_COMPUTE_FRACTION) -> CostTable:
+def scale_cost_table(
+    table: CostTable,
+    source: Profile,
+    target: Profile,
+    *,
+    target_backend: Literal["cpu", "gpu", "auto"] = "auto",
+    compute_fraction: float = DEFAULT_COMPUTE_FRACTION,
+) -> CostTable:
     """The table ``table`` (measured on ``source``) predicted for ``target``."""
     if table.profile != source.id:
-        raise CostTableError(f"cost table was measured on {table.profile!r} but the source profile is "
-                             f"{source.id!r}")
-    k = time_factor(source, target, source_backend=table.backend, target_backend=target_backend,
-                    compute_fraction=compute_fraction)
+        raise CostTableError(
+            f"cost table was measured on {table.profile!r} but the source profile is {source.id!r}"
+        )
+    k = time_factor(
+        source,
+        target,
+        source_backend=table.backend,
+        target_backend=target_backend,
+        compute_fraction=compute_fraction,
+    )
     entries = [e.model_copy(update={"step_latency_s": e.step_latency_s * k}) for e in table.entries]
     backend = target.backend() if target_backend == "auto" else target_backend
-    return table.model_copy(update={"profile": target.id, "backend": backend, "source": "predicted",
-                                    "predicted_from": source.id, "entries": entries})
+    return table.model_copy(
+        update={
+            "profile": target.id,
+            "backend": backend,
+            "source": "predicted",
+            "predicted_from": source.id,
+            "entries": entries,
+        }
+    )
 
 
 def deepest_fitting_depth(table: CostTable, profile: Profile, reserve_bytes: float = 0.0) -> int:

@@ -70,16 +70,35 @@ def block_costs(spec: EncoderSpec) -> list[dict]:
     return out
 
 
-def analytic_cost_table(spec: EncoderSpec, profile: Profile, backend: Literal["cpu", "gpu", "auto"] = "auto"
-                        ) -> CostTable:
+def analytic_cost_table(
+    spec: EncoderSpec, profile: Profile, backend: Literal["cpu", "gpu", "auto"] = "auto"
+) -> CostTable:
     """The analytic costs as a :class:`CostTable` on ``profile`` (latency = FLOPs / sustained FLOP/s)."""
     f = profile.flops(backend)
-    entries = [CostEntry(depth=c["depth"], step_latency_s=c["flops"] / f, peak_memory_bytes=c["memory"],
-                         update_bytes=c["update_bytes"]) for c in block_costs(spec)]
+    entries = [
+        CostEntry(
+            depth=c["depth"],
+            step_latency_s=c["flops"] / f,
+            peak_memory_bytes=c["memory"],
+            update_bytes=c["update_bytes"],
+        )
+        for c in block_costs(spec)
+    ]
     used = profile.backend() if backend == "auto" else backend
-    return CostTable(profile=profile.id, backend=used, source="analytic", model=spec.name, batch=spec.batch,
-                     seq=spec.seq, entries=entries)
+    return CostTable(
+        profile=profile.id,
+        backend=used,
+        source="analytic",
+        model=spec.name,
+        batch=spec.batch,
+        seq=spec.seq,
+        entries=entries,
+    )
 
 
-MINILM_L6 = EncoderSpec(name="all-MiniLM-L6-v2", layers=6, hidden=384, intermediate=1536, heads=12, vocab=30522)
-BERT_BASE = EncoderSpec(name="bert-base-uncased", layers=12, hidden=768, intermediate=3072, heads=12, vocab=30522)
+MINILM_L6 = EncoderSpec(
+    name="all-MiniLM-L6-v2", layers=6, hidden=384, intermediate=1536, heads=12, vocab=30522
+)
+BERT_BASE = EncoderSpec(
+    name="bert-base-uncased", layers=12, hidden=768, intermediate=3072, heads=12, vocab=30522
+)

@@ -30,8 +30,13 @@ INSTANCE = {
 
 
 def _run(path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(DEFT), "edge", "allocate", str(path), *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [str(DEFT), "edge", "allocate", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +65,10 @@ def test_json_line_has_the_documented_form(instance_file: Path, method: str) -> 
 
 
 def test_joint_beats_equal_split_here(instance_file: Path) -> None:
-    lat = {m: json.loads(_run(instance_file, "--method", m, "--json").stdout.splitlines()[-1])["latency"]
-           for m in ("joint", "equal", "greedy")}
+    lat = {
+        m: json.loads(_run(instance_file, "--method", m, "--json").stdout.splitlines()[-1])["latency"]
+        for m in ("joint", "equal", "greedy")
+    }
     assert lat["joint"] < lat["equal"] <= lat["greedy"]
 
 
@@ -82,12 +89,17 @@ def test_infeasible_exits_nonzero_with_one_line(tmp_path: Path) -> None:
     assert res.stderr.startswith("error: infeasible: block at depth 2 needs 9e+09 B")
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({**INSTANCE, "noise": -1}), "noise"),
-    (json.dumps({**INSTANCE, "blocks": [INSTANCE["blocks"][1], INSTANCE["blocks"][0]]}),
-     "increasing depth"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({**INSTANCE, "noise": -1}), "noise"),
+        (
+            json.dumps({**INSTANCE, "blocks": [INSTANCE["blocks"][1], INSTANCE["blocks"][0]]}),
+            "increasing depth",
+        ),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, content: str, needle: str) -> None:
     p = tmp_path / "i.json"
     p.write_text(content)

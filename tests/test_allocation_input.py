@@ -39,21 +39,24 @@ def _with(path: tuple, value) -> dict:
     return data
 
 
-@pytest.mark.parametrize("path,value,needle", [
-    (("devices", 0, "flops"), -1.0, "devices.0.flops"),
-    (("devices", 1, "memory"), 0.0, "devices.1.memory"),
-    (("devices", 0, "gain"), 0.0, "devices.0.gain"),
-    (("devices", 0, "power"), -0.2, "devices.0.power"),
-    (("devices", 0, "bandwidth"), 0.0, "devices.0.bandwidth"),
-    (("devices", 0, "capacity"), 0, "devices.0.capacity"),
-    (("blocks", 0, "flops"), 0.0, "blocks.0.flops"),
-    (("blocks", 1, "update_bytes"), -5.0, "blocks.1.update_bytes"),
-    (("total_bandwidth",), -1.0, "total_bandwidth"),
-    (("noise",), 0.0, "noise"),
-    (("noise",), None, "noise"),
-    (("devices", 0, "flops"), None, "devices.0.flops"),
-    (("devices", 0, "colour"), "red", "devices.0.colour"),
-])
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        (("devices", 0, "flops"), -1.0, "devices.0.flops"),
+        (("devices", 1, "memory"), 0.0, "devices.1.memory"),
+        (("devices", 0, "gain"), 0.0, "devices.0.gain"),
+        (("devices", 0, "power"), -0.2, "devices.0.power"),
+        (("devices", 0, "bandwidth"), 0.0, "devices.0.bandwidth"),
+        (("devices", 0, "capacity"), 0, "devices.0.capacity"),
+        (("blocks", 0, "flops"), 0.0, "blocks.0.flops"),
+        (("blocks", 1, "update_bytes"), -5.0, "blocks.1.update_bytes"),
+        (("total_bandwidth",), -1.0, "total_bandwidth"),
+        (("noise",), 0.0, "noise"),
+        (("noise",), None, "noise"),
+        (("devices", 0, "flops"), None, "devices.0.flops"),
+        (("devices", 0, "colour"), "red", "devices.0.colour"),
+    ],
+)
 def test_bad_numbers_name_the_field(path: tuple, value, needle: str) -> None:
     with pytest.raises(InstanceError) as err:
         Instance.parse(_with(path, value))
@@ -121,8 +124,9 @@ def test_hall_counts_deep_blocks_not_just_blocks() -> None:
     data = copy.deepcopy(BASE)
     data["blocks"].append({"depth": 3, "flops": 3e11, "memory": 5e9, "update_bytes": 1e4})
     data["blocks"][1]["memory"] = 5e9
-    data["devices"].append({"id": "pi4", "flops": 1e10, "memory": 2e9, "gain": 1e-7, "power": 0.1,
-                            "bandwidth": 1e6})
+    data["devices"].append(
+        {"id": "pi4", "flops": 1e10, "memory": 2e9, "gain": 1e-7, "power": 0.1, "bandwidth": 1e6}
+    )
     inst = Instance.parse(data)
     with pytest.raises(Infeasible, match="2 blocks at depth >= 2 .* only 1 slots"):
         crunch(inst)
@@ -157,5 +161,8 @@ def test_non_prefix_feasible_sets_take_the_exact_matching() -> None:
 def test_greedy_puts_the_fastest_device_on_the_deepest_block() -> None:
     alloc = solve(Instance.parse(BASE), "greedy")
     assert alloc.assignment == {2: "orin-1", 1: "pi5-1"}
-    assert np.isclose(alloc.latency, max(1e11 / 2e10, 2e11 / 2e11) + 8 * 3e4 / (1e6 * np.log2(1 + 0.2e-7 / (4e-21 * 1e6))),
-                      rtol=1e-3)
+    assert np.isclose(
+        alloc.latency,
+        max(1e11 / 2e10, 2e11 / 2e11) + 8 * 3e4 / (1e6 * np.log2(1 + 0.2e-7 / (4e-21 * 1e6))),
+        rtol=1e-3,
+    )

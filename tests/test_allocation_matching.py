@@ -7,14 +7,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_broker.allocation.crunch import bottleneck_matching
-from edge_broker.allocation.matching import covering_matching, hall_prefix, match_general, match_prefix, prefix_lengths
+from edge_broker.allocation.matching import (
+    covering_matching,
+    hall_prefix,
+    match_general,
+    match_prefix,
+    prefix_lengths,
+)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.integers(1, 8).flatmap(lambda d: st.tuples(
-    st.just(d),
-    st.lists(st.integers(0, d), min_size=1, max_size=9),
-    st.lists(st.integers(1, 3), min_size=9, max_size=9))))
+@given(
+    st.integers(1, 8).flatmap(
+        lambda d: st.tuples(
+            st.just(d),
+            st.lists(st.integers(0, d), min_size=1, max_size=9),
+            st.lists(st.integers(1, 3), min_size=9, max_size=9),
+        )
+    )
+)
 def test_hall_prefix_agrees_with_hopcroft_karp(args) -> None:
     d, lengths, caps = args
     lengths = np.array(lengths)
@@ -35,8 +46,15 @@ def test_hall_prefix_agrees_with_hopcroft_karp(args) -> None:
 @given(st.integers(1, 6), st.integers(1, 7), st.data())
 def test_bottleneck_matching_is_the_least_feasible_threshold(d: int, n: int, data) -> None:
     """Arbitrary (non-monotone) latency matrices: no smaller candidate admits a covering matching."""
-    t = np.array(data.draw(st.lists(st.lists(st.sampled_from([1.0, 2.0, 3.0, 5.0, np.inf]), min_size=d,
-                                             max_size=d), min_size=n, max_size=n)))
+    t = np.array(
+        data.draw(
+            st.lists(
+                st.lists(st.sampled_from([1.0, 2.0, 3.0, 5.0, np.inf]), min_size=d, max_size=d),
+                min_size=n,
+                max_size=n,
+            )
+        )
+    )
     cap = np.array(data.draw(st.lists(st.integers(1, 2), min_size=n, max_size=n)))
     found = bottleneck_matching(t, cap)
     if found is None:

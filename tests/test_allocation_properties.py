@@ -20,8 +20,14 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], der
 
 
 @st.composite
-def instances(draw, max_n: int = 7, max_d: int = 7, monotone_updates: bool | None = None,
-              max_capacity: int = 1, memory_tight: bool = True) -> dict:
+def instances(
+    draw,
+    max_n: int = 7,
+    max_d: int = 7,
+    monotone_updates: bool | None = None,
+    max_capacity: int = 1,
+    memory_tight: bool = True,
+) -> dict:
     """Random instances on a coarse grid of values, so ties (the hard case for bisection) are common."""
     d = draw(st.integers(1, max_d))
     n = draw(st.integers(1 if max_capacity > 1 else d, max_n))
@@ -33,20 +39,23 @@ def instances(draw, max_n: int = 7, max_d: int = 7, monotone_updates: bool | Non
     sizes = draw(st.lists(st.sampled_from([0.0, 1e4, 3e4, 1e5, 3e5]), min_size=d, max_size=d))
     if mono:
         sizes = sorted(sizes)
-    blocks = [{"depth": j + 1, "flops": flops[j], "memory": memory[j], "update_bytes": sizes[j]}
-              for j in range(d)]
+    blocks = [
+        {"depth": j + 1, "flops": flops[j], "memory": memory[j], "update_bytes": sizes[j]} for j in range(d)
+    ]
     mem_choices = [memory[0], memory[-1], 1e8 * 20] if memory_tight else [1e8 * 20]
     devices = []
     for k in range(n):
-        devices.append({
-            "id": f"dev{k}",
-            "flops": draw(st.sampled_from([1e9, 2e9, 5e9, 2e10])),
-            "memory": draw(st.sampled_from(mem_choices)),
-            "gain": draw(st.sampled_from([1e-12, 1e-11, 1e-10, 1e-9])),
-            "power": draw(st.sampled_from([0.1, 0.2])),
-            "bandwidth": draw(st.sampled_from([1e5, 5e5, 1e6, 2e6])),
-            "capacity": draw(st.integers(1, max_capacity)),
-        })
+        devices.append(
+            {
+                "id": f"dev{k}",
+                "flops": draw(st.sampled_from([1e9, 2e9, 5e9, 2e10])),
+                "memory": draw(st.sampled_from(mem_choices)),
+                "gain": draw(st.sampled_from([1e-12, 1e-11, 1e-10, 1e-9])),
+                "power": draw(st.sampled_from([0.1, 0.2])),
+                "bandwidth": draw(st.sampled_from([1e5, 5e5, 1e6, 2e6])),
+                "capacity": draw(st.integers(1, max_capacity)),
+            }
+        )
     total = draw(st.sampled_from([1e6, 3e6, 1e7]))
     return {"devices": devices, "blocks": blocks, "total_bandwidth": total, "noise": 4e-21}
 

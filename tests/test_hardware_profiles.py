@@ -9,11 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from hardware.profiles import BUILTIN_DIR, CITED_FIELDS, ProfileError, builtin_profiles, get_profile, load_profile
+from hardware.profiles import (
+    BUILTIN_DIR,
+    CITED_FIELDS,
+    ProfileError,
+    builtin_profiles,
+    get_profile,
+    load_profile,
+)
 
 DEFT = Path(sys.executable).with_name("deft")
-BOARDS = {"jetson-nano-4gb", "jetson-xavier-nx", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "rpi4-4gb",
-          "rpi4-8gb", "rpi5-8gb", "laptop-x86"}
+BOARDS = {
+    "jetson-nano-4gb",
+    "jetson-xavier-nx",
+    "jetson-orin-nano-8gb",
+    "jetson-agx-orin-64gb",
+    "rpi4-4gb",
+    "rpi4-8gb",
+    "rpi5-8gb",
+    "laptop-x86",
+}
 
 
 def test_builtin_profiles_cover_the_boards_and_cite_every_figure() -> None:
@@ -29,7 +44,9 @@ def test_relative_figures_are_sane() -> None:
     p = builtin_profiles()
     # Orderings any reader of the data sheets would expect.
     assert p["rpi5-8gb"].flops("cpu") > p["rpi4-4gb"].flops("cpu")
-    assert p["jetson-agx-orin-64gb"].flops() > p["jetson-orin-nano-8gb"].flops() > p["jetson-nano-4gb"].flops()
+    assert (
+        p["jetson-agx-orin-64gb"].flops() > p["jetson-orin-nano-8gb"].flops() > p["jetson-nano-4gb"].flops()
+    )
     assert p["rpi4-4gb"].backend() == "cpu" and p["jetson-nano-4gb"].backend() == "gpu"
     assert p["rpi4-8gb"].memory_bytes == 2 * p["rpi4-4gb"].memory_bytes
     with pytest.raises(ProfileError, match="no usable GPU"):
@@ -40,17 +57,20 @@ def _write_without(tmp_path: Path, line_start: str) -> Path:
     """The profile without the first line starting with ``line_start`` (the figure, not its citation)."""
     lines = (BUILTIN_DIR / "rpi5-8gb.toml").read_text().splitlines()
     first = next(i for i, ln in enumerate(lines) if ln.startswith(line_start))
-    kept = lines[:first] + lines[first + 1:]
+    kept = lines[:first] + lines[first + 1 :]
     out = tmp_path / "custom.toml"
     out.write_text("\n".join(kept) + "\n")
     return out
 
 
-@pytest.mark.parametrize("line,field", [
-    ("cpu_gflops_fp32 =", "cpu_gflops_fp32"),
-    ("memory_bytes =", "memory_bytes"),
-    ("tx_power_w =", "uplink.tx_power_w"),
-])
+@pytest.mark.parametrize(
+    "line,field",
+    [
+        ("cpu_gflops_fp32 =", "cpu_gflops_fp32"),
+        ("memory_bytes =", "memory_bytes"),
+        ("tx_power_w =", "uplink.tx_power_w"),
+    ],
+)
 def test_missing_field_is_named(tmp_path: Path, line: str, field: str) -> None:
     with pytest.raises(ProfileError) as err:
         load_profile(_write_without(tmp_path, line))
@@ -60,7 +80,7 @@ def test_missing_field_is_named(tmp_path: Path, line: str, field: str) -> None:
 
 def test_missing_citation_is_named(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match=r"sources\.memory_bandwidth_gbs: every figure needs a citation"):
-        load_profile(_write_without(tmp_path, "memory_bandwidth_gbs = \"derived"))
+        load_profile(_write_without(tmp_path, 'memory_bandwidth_gbs = "derived'))
 
 
 def test_bad_values(tmp_path: Path) -> None:
@@ -76,7 +96,7 @@ def test_bad_values(tmp_path: Path) -> None:
 
 
 def _deft(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(DEFT), "hw", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([str(DEFT), "hw", *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_cli_lists_and_shows() -> None:

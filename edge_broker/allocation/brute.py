@@ -30,7 +30,7 @@ def brute_force(inst: Instance, bandwidth: np.ndarray | None = None) -> Allocati
             raise diagnose_infeasible(inst, np.isfinite(t), "within its memory")
         combos = np.array(list(itertools.permutations(range(n), d)), dtype=np.int64).reshape(-1, d)
     else:
-        if n ** d > MAX_ASSIGNMENTS:
+        if n**d > MAX_ASSIGNMENTS:
             raise InstanceError(f"brute force needs {n}**{d} assignments; limit {MAX_ASSIGNMENTS}")
         combos = np.indices((n,) * d, dtype=np.int8).reshape(d, -1).T.astype(np.int64)
         ok = np.ones(len(combos), dtype=bool)

@@ -25,11 +25,17 @@ class Method(str, Enum):
 
 
 def allocate_command(
-    instance: Path = typer.Argument(..., help="Instance JSON: devices, blocks, total_bandwidth, noise (SI units)."),
-    method: Method = typer.Option(Method.crunch, "--method", "-m",
-                                  help="crunch: optimal matching at each device's own bandwidth; joint: "
-                                       "bandwidths and blocks together; greedy/random/equal: baselines; "
-                                       "exact/brute: references for small instances."),
+    instance: Path = typer.Argument(
+        ..., help="Instance JSON: devices, blocks, total_bandwidth, noise (SI units)."
+    ),
+    method: Method = typer.Option(
+        Method.crunch,
+        "--method",
+        "-m",
+        help="crunch: optimal matching at each device's own bandwidth; joint: "
+        "bandwidths and blocks together; greedy/random/equal: baselines; "
+        "exact/brute: references for small instances.",
+    ),
     seed: int = typer.Option(0, help="Seed of the random baseline."),
     as_json: bool = typer.Option(False, "--json", help="Print the allocation as one JSON line."),
 ) -> None:
@@ -56,7 +62,9 @@ def allocate_command(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{method.value}: round latency {alloc.latency:.4g} s ({elapsed * 1e3:.1f} ms to solve)")
+    table = Table(
+        title=f"{method.value}: round latency {alloc.latency:.4g} s ({elapsed * 1e3:.1f} ms to solve)"
+    )
     table.add_column("depth", justify="right")
     table.add_column("device")
     table.add_column("bandwidth (MHz)", justify="right")

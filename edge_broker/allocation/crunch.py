@@ -15,7 +15,6 @@ import numpy as np
 
 from edge_broker.allocation.instance import (
     Allocation,
-    Infeasible,
     Instance,
     diagnose_infeasible,
     latency_matrix,
@@ -69,8 +68,9 @@ def bottleneck_matching(t: np.ndarray, cap: np.ndarray) -> tuple[float, np.ndarr
     return tau, match
 
 
-def crunch(inst: Instance, bandwidth: np.ndarray | None = None, method: str = "crunch", *,
-           idle_to_zero: bool = False) -> Allocation:
+def crunch(
+    inst: Instance, bandwidth: np.ndarray | None = None, method: str = "crunch", *, idle_to_zero: bool = False
+) -> Allocation:
     """Optimal matching at ``bandwidth`` (default: each device's own ``bandwidth``)."""
     bw = inst.own_bandwidth() if bandwidth is None else np.asarray(bandwidth, dtype=float)
     t = latency_matrix(inst, bw)

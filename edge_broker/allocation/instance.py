@@ -42,8 +42,12 @@ class Device(_Strict):
     memory: float = Field(gt=0, allow_inf_nan=False, description="bytes available for training")
     gain: float = Field(gt=0, allow_inf_nan=False, description="channel gain h_k (linear)")
     power: float = Field(gt=0, allow_inf_nan=False, description="transmit power p_k, W")
-    bandwidth: float | None = Field(default=None, gt=0, allow_inf_nan=False,
-                                    description="fixed uplink bandwidth, Hz (used by crunch/greedy/random)")
+    bandwidth: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="fixed uplink bandwidth, Hz (used by crunch/greedy/random)",
+    )
     capacity: int = Field(default=1, ge=1, description="how many blocks the device may take")
 
 
@@ -80,8 +84,10 @@ class Instance(_Strict):
                 if getattr(cur, field) < getattr(prev, field):
                     raise ValueError(
                         f"blocks[depth={cur.depth}].{field} = {getattr(cur, field):g} is below "
-                        f"blocks[depth={prev.depth}].{field} = {getattr(prev, field):g}: block {field} must be "
-                        f"non-decreasing in depth (a deeper block needs a longer backward pass)")
+                        f"blocks[depth={prev.depth}].{field} = {getattr(prev, field):g}: "
+                        f"block {field} must be non-decreasing in depth "
+                        "(a deeper block needs a longer backward pass)"
+                    )
         return self
 
     # ---- constructors -------------------------------------------------------------------------
@@ -97,11 +103,15 @@ class Instance(_Strict):
     def load(cls, path: str | Path) -> Instance:
         p = Path(path)
         if not p.is_file():
-            raise InstanceError(f"instance file {p} not found; pass a JSON file with devices, blocks and noise")
+            raise InstanceError(
+                f"instance file {p} not found; pass a JSON file with devices, blocks and noise"
+            )
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as exc:
-            raise InstanceError(f"instance file {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise InstanceError(
+                f"instance file {p} is not valid JSON ({exc.msg} at line {exc.lineno})"
+            ) from None
         return cls.parse(data)
 
     # ---- arrays the solvers use ---------------------------------------------------------------
@@ -129,8 +139,10 @@ class Instance(_Strict):
         """Each device's fixed ``bandwidth``; an error naming the first device without one."""
         for i, dev in enumerate(self.devices):
             if dev.bandwidth is None:
-                raise InstanceError(f"devices[{i}] ({dev.id}) has no 'bandwidth'; fixed-bandwidth methods "
-                                    "need one per device (or use --method joint/equal with total_bandwidth)")
+                raise InstanceError(
+                    f"devices[{i}] ({dev.id}) has no 'bandwidth'; fixed-bandwidth methods "
+                    "need one per device (or use --method joint/equal with total_bandwidth)"
+                )
         return np.array([d.bandwidth for d in self.devices], dtype=float)
 
     def require_total_bandwidth(self) -> float:
@@ -190,8 +202,9 @@ def min_bandwidth(a: np.ndarray, bits: np.ndarray, budget: np.ndarray) -> np.nda
     """
     from scipy.special import lambertw
 
-    a, bits, budget = np.broadcast_arrays(np.asarray(a, float), np.asarray(bits, float),
-                                          np.asarray(budget, float))
+    a, bits, budget = np.broadcast_arrays(
+        np.asarray(a, float), np.asarray(bits, float), np.asarray(budget, float)
+    )
     out = np.full(a.shape, np.inf)
     zero = (bits <= 0) & (budget >= 0)
     out[zero] = 0.0
@@ -227,15 +240,23 @@ class Allocation(BaseModel):
 
     def to_json_line(self) -> str:
         """The CLI's last stdout line, in the issue's exact form."""
-        return json.dumps({
-            "assignment": [{"depth": d, "device": k} for d, k in sorted(self.assignment.items())],
-            "bandwidth": self.bandwidth,
-            "latency": self.latency,
-        })
+        return json.dumps(
+            {
+                "assignment": [{"depth": d, "device": k} for d, k in sorted(self.assignment.items())],
+                "bandwidth": self.bandwidth,
+                "latency": self.latency,
+            }
+        )
 
 
-def make_allocation(inst: Instance, method: str, block_to_device: np.ndarray,
-                    bandwidth: np.ndarray, *, idle_to_zero: bool = False) -> Allocation:
+def make_allocation(
+    inst: Instance,
+    method: str,
+    block_to_device: np.ndarray,
+    bandwidth: np.ndarray,
+    *,
+    idle_to_zero: bool = False,
+) -> Allocation:
     """Build an :class:`Allocation` from device indices per block and evaluate its latency.
 
     ``idle_to_zero``: devices with no block get no bandwidth (shared-band methods).
@@ -247,8 +268,9 @@ def make_allocation(inst: Instance, method: str, block_to_device: np.ndarray,
         bandwidth = np.where(busy, bandwidth, 0.0)
     assignment = {b.depth: ids[int(k)] for b, k in zip(inst.blocks, block_to_device)}
     bw = {ids[i]: float(bandwidth[i]) for i in range(inst.n)}
-    return Allocation(method=method, assignment=assignment, bandwidth=bw,
-                      latency=evaluate(inst, assignment, bw))
+    return Allocation(
+        method=method, assignment=assignment, bandwidth=bw, latency=evaluate(inst, assignment, bw)
+    )
 
 
 def evaluate(inst: Instance, assignment: dict[int, str], bandwidth: dict[str, float]) -> float:
@@ -260,8 +282,9 @@ def evaluate(inst: Instance, assignment: dict[int, str], bandwidth: dict[str, fl
     return float(max(t[idx[k], col[d]] for d, k in assignment.items()))
 
 
-def check_allocation(inst: Instance, alloc: Allocation, *, total_bandwidth: float | None = None,
-                     rtol: float = 1e-9) -> None:
+def check_allocation(
+    inst: Instance, alloc: Allocation, *, total_bandwidth: float | None = None, rtol: float = 1e-9
+) -> None:
     """Raise :class:`AllocationError` unless ``alloc`` respects every constraint of the model."""
     depths = sorted(alloc.assignment)
     if depths != [b.depth for b in inst.blocks]:
@@ -273,7 +296,9 @@ def check_allocation(inst: Instance, alloc: Allocation, *, total_bandwidth: floa
             raise AllocationError(f"block {depth} assigned to unknown device {dev_id}")
         block = next(b for b in inst.blocks if b.depth == depth)
         if block.memory > by_id[dev_id].memory:
-            raise AllocationError(f"block {depth} needs {block.memory:g} B but {dev_id} has {by_id[dev_id].memory:g}")
+            raise AllocationError(
+                f"block {depth} needs {block.memory:g} B but {dev_id} has {by_id[dev_id].memory:g}"
+            )
         load[dev_id] = load.get(dev_id, 0) + 1
     for dev_id, count in load.items():
         if count > by_id[dev_id].capacity:
@@ -292,17 +317,23 @@ def diagnose_infeasible(inst: Instance, allowed: np.ndarray, what: str) -> Infea
     fits = A["m"][None, :] <= A["M"][:, None]
     slots = int(A["cap"].sum())
     if slots < inst.d:
-        return Infeasible(f"{inst.d} blocks but only {slots} device slots (sum of capacities); add devices "
-                          "or raise a device's capacity")
+        return Infeasible(
+            f"{inst.d} blocks but only {slots} device slots (sum of capacities); add devices "
+            "or raise a device's capacity"
+        )
     for j, b in enumerate(inst.blocks):
         if not fits[:, j].any():
-            return Infeasible(f"block at depth {b.depth} needs {b.memory:g} B of memory but the largest device "
-                              f"has {A['M'].max():g} B")
+            return Infeasible(
+                f"block at depth {b.depth} needs {b.memory:g} B of memory but the largest device "
+                f"has {A['M'].max():g} B"
+            )
         if not allowed[:, j].any():
             return Infeasible(f"no device can train the block at depth {b.depth} {what}")
     for j, b in enumerate(inst.blocks):
         cap = int(A["cap"][allowed[:, j:].any(axis=1)].sum())
         if cap < inst.d - j:
-            return Infeasible(f"{inst.d - j} blocks at depth >= {b.depth} but the devices able to train them "
-                              f"{what} have only {cap} slots")
+            return Infeasible(
+                f"{inst.d - j} blocks at depth >= {b.depth} but the devices able to train them "
+                f"{what} have only {cap} slots"
+            )
     return Infeasible(f"no matching covers every block {what}")

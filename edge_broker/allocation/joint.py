@@ -95,6 +95,7 @@ def _level(pairs: _Pairs, total: float) -> float:
     hi = 2.0 * lo
     while pairs.need(hi) > total:
         hi *= 2.0
+
     # log-space residual: finite and well scaled even where the bandwidth need explodes near the floor
     def resid(level: float) -> float:
         return float(np.log(min(max(pairs.need(level), 1e-300), _BIG)) - np.log(total))

@@ -26,7 +26,7 @@ def hall_prefix(lengths: np.ndarray, cap: np.ndarray, n_blocks: int) -> bool:
     slots_at = np.bincount(lengths, weights=cap, minlength=n_blocks + 1)  # slots whose prefix has length L
     reach = np.cumsum(slots_at[::-1])[::-1]  # reach[L] = slots with prefix length >= L
     need = n_blocks - np.arange(n_blocks)  # blocks at 0-based index >= j
-    return bool(np.all(reach[1:n_blocks + 1] >= need))
+    return bool(np.all(reach[1 : n_blocks + 1] >= need))
 
 
 def match_prefix(lengths: np.ndarray, cap: np.ndarray, n_blocks: int) -> np.ndarray:
