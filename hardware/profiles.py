@@ -1,6 +1,6 @@
 """Hardware profiles: the figures the allocator needs about a board, each with its source.
 
-Profiles are TOML files (read with the standard library's ``tomllib``) in ``hardware/profiles/``;
+Profiles are TOML files (read with the standard library's ``tomllib``) in ``hardware/boards/``;
 users can keep their own next to them or anywhere and load them by path. A figure without a source
 is refused: the allocator's decisions are only as good as these numbers, so each must be checkable.
 """
@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-BUILTIN_DIR = Path(__file__).with_name("profiles")
+BUILTIN_DIR = Path(__file__).with_name("boards")
 
 # Every figure that must carry a citation in [sources].
 CITED_FIELDS = (

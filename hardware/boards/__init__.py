@@ -1,0 +1,1 @@
+"""Built-in board profiles (TOML data files; a package so installs ship them as package data)."""
