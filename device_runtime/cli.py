@@ -10,7 +10,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import typer
@@ -60,9 +60,9 @@ def _fmt(v, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _load_tensors(path: Path, backend) -> dict[str, np.ndarray]:
-    """Full trainable tensors from a payload (a delta is applied to the backend's current tensors)
-    or a plain safetensors file."""
+def _load_tensors(path: Path, base: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Full trainable tensors from a payload or a plain safetensors file; a delta payload is applied
+    to ``base()`` (called only then, as it may have to load the model)."""
     from device_runtime.payload import PayloadError, decode_update
 
     if not path.is_file():
@@ -81,7 +81,7 @@ def _load_tensors(path: Path, backend) -> dict[str, np.ndarray]:
         except SafetensorError as exc2:
             raise DeviceError(f"{path}: not a safetensors file or update payload ({exc2})") from None
     if upd.meta.kind == "delta":
-        return upd.full_tensors(backend.get_tensors())
+        return upd.full_tensors(base())
     return upd.tensors
 
 
@@ -117,6 +117,7 @@ def train(
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints",
                                           help="Keep the checkpoint directory after a finished run."),
     backend: str = typer.Option("ort", "--backend", help="ort (default) | torch"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads to use (default: all cores)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report as the last stdout line."),
 ) -> None:
@@ -130,7 +131,7 @@ def train(
 
 def _train(*, bundle, data, eval_data, epochs, steps, batch_size, lr, schedule, warmup_steps, seed, eval_every,
            max_length, text_column, label_column, limit, long_rows, global_state, out, encoding, delta, topk,
-           device_id, round_, checkpoint_dir, checkpoint_every, keep_checkpoints, backend, progress,
+           device_id, round_, checkpoint_dir, checkpoint_every, keep_checkpoints, backend, threads, progress,
            as_json) -> dict:
     from device_runtime.bundle.load import load_bundle
     from device_runtime.data import load_dataset
@@ -154,19 +155,20 @@ def _train(*, bundle, data, eval_data, epochs, steps, batch_size, lr, schedule, 
     if global_state is not None:
         from device_runtime.backends import make_backend
 
-        initial = _load_tensors(global_state, make_backend(b, backend))
+        initial = _load_tensors(global_state, lambda: make_backend(b, backend, threads=threads).get_tensors())
     ck = checkpoint_dir if checkpoint_dir is not None else (out.with_name(out.name + ".ckpt") if out else None)
     cfg = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, schedule=schedule,
                       warmup_steps=warmup_steps, seed=seed, eval_every=eval_every,
                       checkpoint_dir=str(ck) if ck else None, checkpoint_every=checkpoint_every,
-                      progress=progress, backend=backend)
+                      progress=progress, backend=backend, threads=threads)
     result = run_training(b, train_ds, cfg, eval_ds, initial_state=initial)
     report = dict(result.report)
     report["payload_bytes"] = None
     if out is not None:
         from device_runtime.checkpointing import atomic_write_bytes
 
-        metrics = {k: report[k] for k in ("eval_accuracy", "eval_loss") if report.get(k) is not None}
+        metrics = {k: report[k] for k in ("eval_accuracy", "eval_loss", "train_rows", "steps")
+                   if report.get(k) is not None}
         if report["train_loss"]:
             metrics["final_train_loss"] = report["train_loss"][-1]
         blob = encode_update(result.tensors, bundle_hash=b.hash, device_id=device_id, round=round_,
@@ -209,6 +211,7 @@ def eval_command(
     label_column: Optional[str] = typer.Option(None, "--label-column"),
     batch_size: int = typer.Option(64, "--batch-size"),
     backend: str = typer.Option("ort", "--backend"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate the bundle (optionally with trained tensors) on labelled data: loss and accuracy."""
@@ -223,9 +226,9 @@ def eval_command(
         b = load_bundle(bundle)
         ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, label_column=label_column,
                           max_length=max_length)
-        be = make_backend(b, backend)
+        be = make_backend(b, backend, threads=threads)
         if state is not None:
-            apply_global_state(be, _load_tensors(state, be))
+            apply_global_state(be, _load_tensors(state, be.get_tensors))
         res = evaluate(be, ds, batch_size)
     except DeviceError as exc:
         _fail(str(exc))
@@ -250,6 +253,7 @@ def predict(
     max_length: Optional[int] = typer.Option(None, "--max-length"),
     batch_size: int = typer.Option(64, "--batch-size"),
     backend: str = typer.Option("ort", "--backend"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Classify texts with the trained state, or with a weighted prompt ensemble (--member ...)."""
@@ -268,13 +272,13 @@ def predict(
                               max_length=max_length)
         else:
             ds = tokenize_texts(list(text), b.manifest, b.tokenizer, max_length)
-        be = make_backend(b, backend)
+        be = make_backend(b, backend, threads=threads)
         if state is not None:
-            apply_global_state(be, _load_tensors(state, be))
+            apply_global_state(be, _load_tensors(state, be.get_tensors))
         if member:
             if weight and len(weight) != len(member):
                 raise DeviceError(f"{len(weight)} --weight values for {len(member)} --member files")
-            members = [_load_tensors(m, be) for m in member]
+            members = [_load_tensors(m, be.get_tensors) for m in member]
             probs = predict_ensemble(be, ds, members, weight or None, batch_size)
         else:
             probs = predict_proba(be, ds, batch_size)

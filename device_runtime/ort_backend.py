@@ -19,15 +19,21 @@ from device_runtime.ort_training import load_training_api, quiet, set_seed
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None):
+    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None, threads: int | None = None):
         api = load_training_api()
         quiet()
+        from onnxruntime.capi._pybind_state import SessionOptions
+
+        options = SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
         self.bundle = bundle
         self.manifest = bundle.manifest
         ckpt = Path(checkpoint) if checkpoint is not None else bundle.checkpoint
         try:
             self._state = api.CheckpointState.load_checkpoint(str(ckpt))
-            self._module = api.Module(str(bundle.training_model), self._state, str(bundle.eval_model))
+            self._module = api.Module(str(bundle.training_model), self._state, str(bundle.eval_model),
+                                      session_options=options)
             self._optimizer = api.Optimizer(str(bundle.optimizer_model), self._module)
         except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeErrors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

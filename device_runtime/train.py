@@ -49,6 +49,8 @@ class TrainConfig:
     pad_to: PadPolicy = "longest"
     progress: bool = True
     backend: str = "ort"
+    #: CPU threads for the backend (None: all cores); not part of the run's identity
+    threads: int | None = None
 
     def total_steps(self, n_rows: int) -> int:
         spe = steps_per_epoch(n_rows, self.batch_size)
@@ -127,20 +129,20 @@ def train(bundle: Bundle, train_ds: Dataset, cfg: TrainConfig, eval_ds: Dataset 
                                                  for k in sorted(initial_state))).hexdigest()[:16],
                          **{k: v for k, v in asdict(cfg).items()
                             if k not in ("progress", "checkpoint_dir", "checkpoint_every", "eval_every",
-                                         "eval_batch_size")})
+                                         "eval_batch_size", "threads")})
     ckdir = CheckpointDir(cfg.checkpoint_dir, fp) if cfg.checkpoint_dir else None
     progress = ckdir.load_progress() if ckdir else None
 
     t_start = time.perf_counter()
     if progress is not None:
-        backend = make_backend(bundle, cfg.backend, checkpoint=ckdir.state_path(progress))
+        backend = make_backend(bundle, cfg.backend, checkpoint=ckdir.state_path(progress), threads=cfg.threads)
         start_tensors = ckdir.load_start() or backend.get_tensors()
         step0 = int(progress["step"])
         losses: list[float] = list(progress["train_loss"])
         samples = int(progress["samples"])
         history: list[dict] = list(progress.get("eval_history", []))
     else:
-        backend = make_backend(bundle, cfg.backend)
+        backend = make_backend(bundle, cfg.backend, threads=cfg.threads)
         if initial_state is not None:
             apply_global_state(backend, initial_state)
         start_tensors = backend.get_tensors()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from device_runtime.payload import decode_update, encode_update
+from tests._device_fixtures import tiny_prompt_bundle  # noqa: F401
 from tests._models import REPO, SST2_TRAIN, SST2_VALIDATION
 
 DEFT = [sys.executable, "-c", "from deftkit.cli import main; main()"]
@@ -199,3 +200,34 @@ def test_checkpoint_of_another_run_is_refused(tiny_bert_bundle, small_data, tmp_
             "--checkpoint-dir", ck, "--no-progress"]
     assert deft(*base).returncode == 0
     _one_line_error(deft(*base[:-1], "--lr", "0.5", "--no-progress"), "different run", "--checkpoint-dir")
+
+
+def test_predict_prompt_ensemble_from_the_cli(tiny_prompt_bundle, tmp_path):
+    """--member/--weight average class probabilities over soft prompts given as payload files."""
+    from device_runtime.bundle.load import load_bundle
+
+    b = load_bundle(tiny_prompt_bundle)
+    prompt = next(t for t in b.manifest.trainable if t.kind == "prompt")
+    rng = np.random.default_rng(3)
+    files = []
+    for i in range(2):
+        f = tmp_path / f"prompt{i}.safetensors"
+        f.write_bytes(encode_update({prompt.name: rng.standard_normal(prompt.shape).astype(np.float32)},
+                                    bundle_hash=b.hash, device_id=f"peer{i}"))
+        files.append(f)
+    texts = ["an utterly charming film", "a tedious mess"]
+    args = ["device", "predict", "--bundle", tiny_prompt_bundle, "--json"]
+    for t in texts:
+        args += ["--text", t]
+    singles = []
+    for f in files:
+        r = deft(*args, "--member", f)
+        assert r.returncode == 0, r.stderr[-2000:]
+        singles.append(np.array([p["probs"] for p in last_json(r.stdout)["predictions"]]))
+    r = deft(*args, "--member", files[0], "--member", files[1], "--weight", "1", "--weight", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = last_json(r.stdout)
+    assert rep["ensemble"] == 2
+    ens = np.array([p["probs"] for p in rep["predictions"]])
+    np.testing.assert_allclose(ens, 0.25 * singles[0] + 0.75 * singles[1], atol=1e-5)
+    _one_line_error(deft(*args, "--member", files[0], "--weight", "1", "--weight", "2"), "--weight")
