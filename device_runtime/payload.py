@@ -126,7 +126,7 @@ def encode_update(
     *,
     bundle_hash: str,
     device_id: str,
-    round: int = 0,  # noqa: A002 - the protocol's word
+    round: int = 0,  # the protocol's word (shadows the builtin here only)
     samples: int = 0,
     metrics: Mapping[str, Any] | None = None,
     encoding: str = "fp32",

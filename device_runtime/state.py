@@ -6,7 +6,7 @@ NaN, is refused with a message naming the tensor, and nothing is written.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,25 +49,32 @@ def apply_global_state(backend, tensors: Mapping[str, np.ndarray], *, partial: b
     return checked
 
 
-def load_state_file(path: str | Path) -> dict[str, np.ndarray]:
-    """Tensors from a safetensors file or an update payload (decoded, full tensors only)."""
+def load_state_file(path: str | Path, base: Callable[[], Mapping[str, np.ndarray]] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Trainable tensors from an update payload or a plain safetensors file.
+
+    A delta payload is applied to ``base()``, called only then (it may have to load the model).
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
     from device_runtime.payload import PayloadError, decode_update
 
-    data = Path(path).read_bytes() if Path(path).is_file() else None
-    if data is None:
-        raise StateError(f"state file {path} does not exist")
+    p = Path(path)
+    if not p.is_file():
+        raise StateError(f"state file {p} does not exist")
+    blob = p.read_bytes()
     try:
-        upd = decode_update(data)
+        upd = decode_update(blob)
     except PayloadError as exc:
         if "not a deftkit update" not in str(exc):
-            raise
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
+            raise StateError(f"{p}: {exc}") from None
         try:
-            return load(data)
+            return load(blob)
         except SafetensorError as exc2:
-            raise StateError(f"{path}: not a safetensors file ({exc2})") from None
-    if upd.meta.kind != "full":
-        raise StateError(f"{path}: is a delta update; apply it to its base tensors first (payload.apply_delta)")
+            raise StateError(f"{p}: not a safetensors file or update payload ({exc2})") from None
+    if upd.meta.kind == "delta":
+        if base is None:
+            raise StateError(f"{p}: is a delta update; it needs the tensors it was computed against")
+        return upd.full_tensors(base())
     return upd.tensors

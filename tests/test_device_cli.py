@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 
 from device_runtime.payload import decode_update, encode_update
-from tests._device_fixtures import tiny_prompt_bundle  # noqa: F401
 from tests._models import REPO, SST2_TRAIN, SST2_VALIDATION
+
+pytest_plugins = ["tests._device_fixtures"]  # bundles shared by the device tests
 
 DEFT = [sys.executable, "-c", "from deftkit.cli import main; main()"]
 
 
 def deft(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([*DEFT, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*DEFT, *map(str, args)], check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=env)
 
 
@@ -155,7 +156,7 @@ def test_sigkill_and_restart_resumes_to_the_same_tensors(tiny_bert_bundle, small
     train, _ = small_data
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     ref_out, out = tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors"
-    ref = subprocess.run(_train_cmd(tiny_bert_bundle, train, ref_out, tmp_path / "ref.ckpt"), cwd=REPO,
+    ref = subprocess.run(_train_cmd(tiny_bert_bundle, train, ref_out, tmp_path / "ref.ckpt"), check=False, cwd=REPO,
                          capture_output=True, text=True, timeout=300, env=env)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
@@ -181,7 +182,7 @@ def test_sigkill_and_restart_resumes_to_the_same_tensors(tiny_bert_bundle, small
     assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run was not killed mid-way"
     assert not out.exists()
 
-    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    resumed = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rep = last_json(resumed.stdout)
     assert rep["resumed_from_step"] is not None and rep["resumed_from_step"] >= killed_at

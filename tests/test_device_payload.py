@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from device_runtime.errors import PayloadError
-from device_runtime.payload import ENCODINGS, apply_delta, decode_update, encode_update, max_decode_error, read_meta
+from device_runtime.payload import (
+    ENCODINGS,
+    apply_delta,
+    decode_update,
+    encode_update,
+    max_decode_error,
+    read_meta,
+)
 
 BUNDLE = "ab" * 32
 

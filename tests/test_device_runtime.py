@@ -23,8 +23,9 @@ from device_runtime.evaluate import evaluate
 from device_runtime.predict import predict_ensemble, predict_proba
 from device_runtime.state import apply_global_state, check_tensors
 from device_runtime.train import TrainConfig, lr_at, train
-from tests._device_fixtures import tiny_gpt2_bundle, tiny_prompt_bundle  # noqa: F401
 from tests._models import REPO, SST2_TRAIN, SST2_VALIDATION
+
+pytest_plugins = ["tests._device_fixtures"]  # bundles shared by the device tests
 
 FORBIDDEN = ("torch", "transformers", "peft", "onnx", "onnxscript", "optimum")
 
@@ -48,7 +49,7 @@ r = train(b, ds, TrainConfig(steps=2, batch_size=8, progress=False))
 print(json.dumps({{"loaded": sorted({{m.split('.')[0] for m in sys.modules}}), "steps": r.report["steps"],
                   "has_module": hasattr(api, "Module")}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["steps"] == 2 and info["has_module"]
@@ -59,7 +60,7 @@ print(json.dumps({{"loaded": sorted({{m.split('.')[0] for m in sys.modules}}), "
 def test_deft_device_cli_never_imports_torch():
     code = ("import sys\nfrom deftkit.cli import main\ntry:\n    main(['device', 'train', '--help'])\n"
             "except SystemExit:\n    pass\nprint(sorted({m.split('.')[0] for m in sys.modules}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     loaded = out.stdout.strip().splitlines()[-1]
     assert "--bundle" in out.stdout
