@@ -102,6 +102,9 @@ class CheckpointDir:
         for old in self.root.glob("state-*.ckpt"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+        for stale in self.root.glob(".*.tmp-*"):  # left by a process killed mid-save
+            if not stale.name.endswith(f".tmp-{os.getpid()}"):
+                stale.unlink(missing_ok=True)
 
     def save_start(self, tensors: dict[str, np.ndarray]) -> None:
         from safetensors.numpy import save
