@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -108,4 +109,99 @@ def scale_command(
             f"{b.peak_memory_bytes / 2**20:.0f}",
             f"{b.update_bytes / 1024:.1f}",
         )
+    Console().print(t)
+
+
+@app.command("profile")
+def profile_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by `deft export`.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the cost table (JSON).")] = Path("cost.json"),
+    profile: Annotated[
+        str,
+        typer.Option("--profile", help="Profile id (or .toml) that describes THIS machine; `deft hw scale` "
+                     "scales from it."),
+    ] = "laptop-x86",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of the measured steps.")] = 16,
+    seq: Annotated[int, typer.Option("--seq", min=1, help="Sequence length (capped at the bundle's).")] = 64,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per block (after --warmup).")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 2,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Measure each block this often, interleaved.")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="OMP threads for ONNX Runtime.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report as the last stdout line.")] = False,
+) -> None:
+    """Measure, per trainable block, the train-step latency and peak memory when it is the deepest
+    trainable block, and write the cost table (ironed to be non-decreasing in depth)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from device_runtime.errors import BundleError
+    from hardware.profiler import ProfilerError, open_bundle, profile_bundle
+    from hardware.profiles import ProfileError, get_profile
+
+    try:
+        prof = get_profile(profile)
+        open_bundle(bundle)  # bad input fails here, before the progress bar starts
+        if not out.parent.is_dir():
+            raise ProfilerError(f"output directory {out.parent} does not exist; create it or pick another --out")
+        err = Console(stderr=True)
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=as_json,
+        ) as bar:
+            task = bar.add_task("profiling", total=None)
+
+            def on_progress(msg: str, done: int, total: int) -> None:
+                bar.update(task, description=msg, completed=done, total=total)
+
+            result = profile_bundle(
+                bundle,
+                profile_id=prof.id,
+                batch=batch,
+                seq=seq,
+                steps=steps,
+                warmup=warmup,
+                repeats=repeats,
+                threads=threads,
+                on_progress=on_progress,
+            )
+    except (BundleError, ProfilerError, ProfileError) as exc:
+        _fail(exc)
+    result.table.save(out)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": True,
+                    "out": str(out),
+                    "table": result.table.model_dump(),
+                    "measured": result.measured.model_dump(),
+                    "adjusted": [a.model_dump() for a in result.adjusted],
+                    "measurements": [m.model_dump() for m in result.measurements],
+                    "wall_s": result.wall_s,
+                }
+            )
+        )
+        return
+    from rich.table import Table
+
+    fixed = {(a.depth, a.field) for a in result.adjusted}
+    t = Table(
+        title=f"cost table of {bundle} on {prof.id} (batch {result.table.batch}, seq {result.table.seq})",
+        caption=f"written to {out}; * = raised to keep the table non-decreasing in depth "
+        f"(measured value in brackets)",
+    )
+    for col in ("depth", "block", "step ms", "peak RSS MiB", "update KiB"):
+        t.add_column(col, justify="right")
+    for e, raw, m in zip(result.table.entries, result.measured.entries, result.measurements):
+        lat = f"{e.step_latency_s * 1e3:.2f}"
+        if (e.depth, "step_latency_s") in fixed:
+            lat = f"*{lat} [{raw.step_latency_s * 1e3:.2f}]"
+        mem = f"{e.peak_memory_bytes / 2**20:.0f}"
+        if (e.depth, "peak_memory_bytes") in fixed:
+            mem = f"*{mem} [{raw.peak_memory_bytes / 2**20:.0f}]"
+        t.add_row(str(e.depth), str(m.block), lat, mem, f"{e.update_bytes / 1024:.1f}")
     Console().print(t)
