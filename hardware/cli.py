@@ -115,19 +115,31 @@ def scale_command(
 @app.command("profile")
 def profile_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory written by `deft export`.")],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the cost table (JSON).")] = Path("cost.json"),
+    out: Annotated[Path, typer.Option("--out", help="Where to write the cost table (JSON).")] = Path(
+        "cost.json"
+    ),
     profile: Annotated[
         str,
-        typer.Option("--profile", help="Profile id (or .toml) that describes THIS machine; `deft hw scale` "
-                     "scales from it."),
+        typer.Option(
+            "--profile",
+            help="Profile id (or .toml) that describes THIS machine; `deft hw scale` scales from it.",
+        ),
     ] = "laptop-x86",
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of the measured steps.")] = 16,
     seq: Annotated[int, typer.Option("--seq", min=1, help="Sequence length (capped at the bundle's).")] = 64,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per block (after --warmup).")] = 10,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Timed steps per block (after --warmup).")
+    ] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 2,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Measure each block this often, interleaved.")] = 1,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="OMP threads for ONNX Runtime.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report as the last stdout line.")] = False,
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="Measure each block this often, interleaved.")
+    ] = 1,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="OMP threads for ONNX Runtime.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON report as the last stdout line.")
+    ] = False,
 ) -> None:
     """Measure, per trainable block, the train-step latency and peak memory when it is the deepest
     trainable block, and write the cost table (ironed to be non-decreasing in depth)."""
@@ -142,7 +154,9 @@ def profile_command(
         prof = get_profile(profile)
         open_bundle(bundle)  # bad input fails here, before the progress bar starts
         if not out.parent.is_dir():
-            raise ProfilerError(f"output directory {out.parent} does not exist; create it or pick another --out")
+            raise ProfilerError(
+                f"output directory {out.parent} does not exist; create it or pick another --out"
+            )
         err = Console(stderr=True)
         with Progress(
             TextColumn("[progress.description]{task.description}"),

@@ -122,8 +122,11 @@ def adjustments(measured: CostTable, table: CostTable) -> list[Adjustment]:
     for a, b in zip(measured.entries, table.entries):
         for field in ("step_latency_s", "peak_memory_bytes"):
             if getattr(a, field) != getattr(b, field):
-                out.append(Adjustment(depth=a.depth, field=field, measured=getattr(a, field),
-                                      adjusted=getattr(b, field)))
+                out.append(
+                    Adjustment(
+                        depth=a.depth, field=field, measured=getattr(a, field), adjusted=getattr(b, field)
+                    )
+                )
     return out
 
 
@@ -192,10 +195,14 @@ def profile_bundle(
         for r in range(repeats):
             for b in blocks:
                 d = block_depth(manifest, b)
-                tick(f"depth {d} (block {b}): {steps} training steps" + (f", repeat {r + 1}" if repeats > 1 else ""))
+                tick(
+                    f"depth {d} (block {b}): {steps} training steps"
+                    + (f", repeat {r + 1}" if repeats > 1 else "")
+                )
                 try:
-                    runs[b].append(probe(variants[b], batch=batch, seq=seq, steps=steps, warmup=warmup,
-                                         threads=threads))
+                    runs[b].append(
+                        probe(variants[b], batch=batch, seq=seq, steps=steps, warmup=warmup, threads=threads)
+                    )
                 except RuntimeError as exc:
                     raise ProfilerError(f"measuring depth {d} (block {b}) failed: {exc}") from None
                 done += 1
@@ -205,15 +212,38 @@ def profile_bundle(
     for b in blocks:
         times = [x["median_step_s"] for x in runs[b]]
         peak = max(x["peak_rss_mb"] for x in runs[b])
-        m = Measurement(block=b, depth=block_depth(manifest, b), median_step_s=statistics.median(times),
-                        step_s_per_repeat=times, peak_rss_mb=peak,
-                        baseline_rss_mb=min(x["baseline_rss_mb"] for x in runs[b]),
-                        params_trainable=sum(t.numel for t in groups[b]))
+        m = Measurement(
+            block=b,
+            depth=block_depth(manifest, b),
+            median_step_s=statistics.median(times),
+            step_s_per_repeat=times,
+            peak_rss_mb=peak,
+            baseline_rss_mb=min(x["baseline_rss_mb"] for x in runs[b]),
+            params_trainable=sum(t.numel for t in groups[b]),
+        )
         measurements.append(m)
-        entries.append(CostEntry(depth=m.depth, step_latency_s=m.median_step_s,
-                                 peak_memory_bytes=peak * 2**20, update_bytes=update[b]))
-    measured = CostTable(profile=profile_id, backend="cpu", source="measured", model=manifest.source_model,
-                         batch=batch, seq=min(seq, manifest.max_length), entries=entries)
+        entries.append(
+            CostEntry(
+                depth=m.depth,
+                step_latency_s=m.median_step_s,
+                peak_memory_bytes=peak * 2**20,
+                update_bytes=update[b],
+            )
+        )
+    measured = CostTable(
+        profile=profile_id,
+        backend="cpu",
+        source="measured",
+        model=manifest.source_model,
+        batch=batch,
+        seq=min(seq, manifest.max_length),
+        entries=entries,
+    )
     table = measured.monotone()
-    return ProfileResult(table=table, measured=measured, adjusted=adjustments(measured, table),
-                         measurements=measurements, wall_s=time.perf_counter() - t_start)
+    return ProfileResult(
+        table=table,
+        measured=measured,
+        adjusted=adjustments(measured, table),
+        measurements=measurements,
+        wall_s=time.perf_counter() - t_start,
+    )

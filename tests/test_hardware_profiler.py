@@ -24,8 +24,22 @@ def _deft(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def profiled(tiny_bert_bundle: Path, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("profile") / "cost.json"
-    r = _deft("hw", "profile", str(tiny_bert_bundle), "--out", str(out), "--batch", "16", "--seq", "32",
-              "--steps", "3", "--warmup", "1", "--json")
+    r = _deft(
+        "hw",
+        "profile",
+        str(tiny_bert_bundle),
+        "--out",
+        str(out),
+        "--batch",
+        "16",
+        "--seq",
+        "32",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     return out, json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -108,7 +122,9 @@ def test_not_a_bundle_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_bundle_without_blocks_is_a_one_line_error(bundle_factory, tiny_model_dir, tmp_path: Path) -> None:
-    head_only = bundle_factory(tiny_model_dir("bert"), task="seq-cls", num_labels=2, max_length=32, peft="head")
+    head_only = bundle_factory(
+        tiny_model_dir("bert"), task="seq-cls", num_labels=2, max_length=32, peft="head"
+    )
     with pytest.raises(ProfilerError, match="no trainable transformer blocks"):
         block_tensors(Manifest.load(head_only))
     r = _deft("hw", "profile", str(head_only), "--out", str(tmp_path / "c.json"))
@@ -119,7 +135,9 @@ def test_bundle_without_blocks_is_a_one_line_error(bundle_factory, tiny_model_di
 
 
 def test_bad_profile_and_output_dir(tiny_bert_bundle: Path, tmp_path: Path) -> None:
-    r = _deft("hw", "profile", str(tiny_bert_bundle), "--profile", "commodore-64", "--out", str(tmp_path / "c.json"))
+    r = _deft(
+        "hw", "profile", str(tiny_bert_bundle), "--profile", "commodore-64", "--out", str(tmp_path / "c.json")
+    )
     assert r.returncode == 2 and "unknown profile 'commodore-64'" in r.stderr
     r = _deft("hw", "profile", str(tiny_bert_bundle), "--out", str(tmp_path / "missing" / "c.json"))
     assert r.returncode == 2 and "output directory" in r.stderr and "does not exist" in r.stderr
