@@ -211,6 +211,7 @@ def test_explicit_figures_and_no_board(manifest: Manifest) -> None:
     d = plan.instance.devices[0]
     assert (d.flops, d.memory, d.power, d.bandwidth, d.gain) == (5e10, 2e9, 0.1, 1e6, 1e-8)
     assert plan.device("lab-1").board is None
+    assert any("cost table is for model 'tiny'" in n for n in plan.notes)  # not this bundle's table
 
 
 def test_measured_table_end_to_end(tiny_bert_bundle: Path, manifest: Manifest) -> None:
@@ -222,6 +223,7 @@ def test_measured_table_end_to_end(tiny_bert_bundle: Path, manifest: Manifest) -
     check_allocation(plan.instance, plan.allocation, total_bandwidth=TOTAL_BW)
     assert [b.memory for b in plan.instance.blocks] == [e.peak_memory_bytes for e in res.table.entries]
     assert plan.cost_source == "measured on laptop-x86"
+    assert not any("cost table is for model" in n for n in plan.notes)  # this bundle's own table
 
 
 def test_no_cost_table_falls_back_to_an_analytic_estimate(manifest: Manifest) -> None:

@@ -360,6 +360,11 @@ def plan_round(
         notes.append("no measured cost table: costs are an analytic estimate; run `deft hw profile BUNDLE`")
     else:
         cost_source = f"{cost_table.source} on {cost_table.profile}"
+        if cost_table.model and cost_table.model != manifest.source_model:
+            notes.append(
+                f"cost table is for model {cost_table.model!r}, the bundle is {manifest.source_model!r}: "
+                "re-profile this bundle if they differ (deft hw profile BUNDLE)"
+            )
     try:
         source = get_profile(cost_table.profile)
     except ProfileError as exc:
