@@ -141,3 +141,33 @@ def test_bad_profile_and_output_dir(tiny_bert_bundle: Path, tmp_path: Path) -> N
     assert r.returncode == 2 and "unknown profile 'commodore-64'" in r.stderr
     r = _deft("hw", "profile", str(tiny_bert_bundle), "--out", str(tmp_path / "missing" / "c.json"))
     assert r.returncode == 2 and "output directory" in r.stderr and "does not exist" in r.stderr
+
+
+def test_a_soft_prompt_goes_with_the_block_next_to_the_input(tiny_bert_bundle: Path) -> None:
+    from device_runtime.bundle.manifest import TensorSpec
+
+    m = Manifest.load(tiny_bert_bundle)
+    prompt = TensorSpec(name="prompt_encoder.default.embedding.weight", shape=(4, 32), kind="prompt")
+    m2 = m.model_copy(update={"trainable": [*m.trainable, prompt]})
+    groups = block_tensors(m2)
+    assert prompt in groups[0] and all(prompt not in groups[b] for b in (1, 2, 3))
+    assert block_update_bytes(m2)[0] == block_update_bytes(m)[0] + 4 * 4 * 32
+
+
+def test_adjustments_name_every_raised_entry() -> None:
+    from hardware.cost_table import CostEntry
+    from hardware.profiler import adjustments
+
+    noisy = CostTable(
+        profile="laptop-x86",
+        entries=[
+            CostEntry(depth=1, step_latency_s=0.10, peak_memory_bytes=100.0, update_bytes=1),
+            CostEntry(depth=2, step_latency_s=0.09, peak_memory_bytes=120.0, update_bytes=1),
+            CostEntry(depth=3, step_latency_s=0.12, peak_memory_bytes=110.0, update_bytes=1),
+        ],
+    )
+    adj = adjustments(noisy, noisy.monotone())
+    assert [(a.depth, a.field, a.measured, a.adjusted) for a in adj] == [
+        (2, "step_latency_s", 0.09, 0.10),
+        (3, "peak_memory_bytes", 110.0, 120.0),
+    ]
