@@ -7,26 +7,33 @@ hidden 384, + the 384x2 classifier head: 74,498 floats, fp32 ~302 KB, int8 ~79 K
 the coordinator's ingest path per update: ``Envelope.decode`` (sha256) -> ``validate_payload`` ->
 ``Store.add_update`` (SQLite, WAL, synchronous=FULL, once per envelope key) -> application ack.
 
-Measured in one run, interleaved (kit/raw order alternates per repetition), medians reported:
+Measured in one run, interleaved (the order of the modes rotates per repetition), medians reported:
 
 - **kit round**: the edge publishes the round's ``Task`` on ``all/task/<round>``; each device answers
-  with its update envelope on ``device/<id>/update/<round>``; the round ends when the edge has
-  validated, stored and acked the last update (ack PUBACKed by the broker). Also reported: when the
-  last device *received* its ack.
-- **raw round**: same task trigger, same clients, same byte count per device, but the bytes go out as
-  a raw MQTT payload on ``device/<id>/bench-raw/<round>`` and the edge (a plain paho client) only
-  receives them. The ratio kit/raw is the kit's overhead (target <= 1.2x).
+  with its update envelope on ``device/<id>/update/<round>``; the edge validates on one thread while
+  a writer thread stores and acks; the round ends when the last device has *received* the ack of its
+  stored update. ``kit-serial`` is the same with validate -> store -> ack (awaiting PUBACK) one
+  update at a time, the simplest coordinator loop.
+- **raw round**: same task trigger, same clients, same bytes per device (the encoded envelope), but
+  sent as a raw MQTT payload on ``device/<id>/bench-raw/<round>``; the edge (a plain paho client,
+  TCP_NODELAY) only receives them. kit/raw is the kit's overhead (target <= 1.2x).
+- **scenarios** (``--link-mbps``): ``0`` = burst, all devices send the moment the task arrives (over
+  loopback on a shared CPU, so the edge's per-update CPU work is the limit); ``N`` = the devices share
+  an N Mbit/s uplink and take turns (device i starts when devices 0..i-1 would have used the link).
+- **where the time goes** (burst, unless ``--no-profile``): rounds in which the edge does only part of
+  its work: envelope decode only; + ``validate_payload``; + ``Store.add_update``; then the kit round.
 - **aggregation**: fedavg, median and trimmed mean over the N stored updates (read back from SQLite
-  and re-validated, as the coordinator does), plus that load+decode step on its own.
+  and re-validated, as the coordinator does), plus that load step alone; FedAvg is checked against the
+  true mean of the devices' tensors (known from their seeds).
 - **bytes per round**: LoRA payloads (fp32, int8; up: measured envelopes; down: task + ack + the
   global LoRA state) vs full-model FedAvg (every MiniLM parameter, fp32, up and down per device).
-- **edge cost per update**: each step of the ingest path timed alone, to show where overhead goes.
+- **edge cost per update**: each step of the ingest path timed alone.
 
 Devices run in ``--workers`` child processes (the edge's GIL is its own); device-side payload
 encoding happens before the task is published (it is training output, done on the devices' own CPUs)
 and is reported separately. Only 127.0.0.1; every wait has a deadline.
 
-    .venv/bin/python bench/edge_bench.py [--devices 100] [--reps 5] [--quick] [--out FILE]
+    .venv/bin/python bench/edge_bench.py [--devices 100] [--reps 5] [--link-mbps 0,100,1000] [--quick] [--out FILE]
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ TARGET_RATIO = 1.2
 #: kit: the edge validates on one thread while a writer thread stores and acks (acks not awaited one by
 #: one); kit-serial: validate -> store -> ack awaited, one update at a time (the simplest coordinator loop)
 KIT_MODES = ("kit", "kit-serial")
-#: profiling modes (``--profile``), devices send envelopes and do not wait for acks; the edge does only
+#: profiling modes (burst scenario, unless ``--no-profile`` or ``--quick``): devices send envelopes and do not wait for acks; the edge does only
 #: part of the work: recv = the DeftClient decodes envelopes (sha256), validate = + validate_payload,
 #: store = + validate + Store.add_update
 PROFILE_MODES = ("env-recv", "env-validate", "env-store")
@@ -762,9 +769,13 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scens = list(res["round"])
-    fig, axes = plt.subplots(1, len(scens) + 2, figsize=(5 * (len(scens) + 2), 4.6))
-    for ax, scen in zip(axes, scens):
+    cols = max(3, len(scens))
+    fig, grid = plt.subplots(2, cols, figsize=(5.2 * cols, 9))
+    for ax in grid[0][len(scens):]:
+        ax.axis("off")
+    for ax, scen in zip(grid[0], scens):
         encs = list(res["round"][scen])
+        top = 0.0
         for i, enc in enumerate(encs):
             r = res["round"][scen][enc]
             for j, (mode, color) in enumerate((("raw", "tab:gray"), ("kit", "tab:blue"), ("kit_serial", "tab:purple"))):
@@ -773,25 +784,37 @@ def plot(res: dict[str, Any], path: Path) -> None:
                 x = i * 4 + j
                 ax.bar(x, r[f"{mode}_round_s"], color=color, label=mode.replace("_", "-") if i == 0 else None)
                 ax.scatter([x] * len(r[f"{mode}_round_s_runs"]), r[f"{mode}_round_s_runs"], color="k", s=8, zorder=3)
-            ax.text(i * 4 + 1, max(r["kit_round_s"], r["raw_round_s"]) * 1.04, f"kit/raw {r['kit_ratio']:.2f}x",
-                    ha="center")
+                top = max(top, *r[f"{mode}_round_s_runs"])
+            ax.text(i * 4 + 1, max(r["kit_round_s"], r["raw_round_s"]) * 1.05, f"{r['kit_ratio']:.2f}x", ha="center")
+        ax.set_ylim(0, top * 1.45)
         ax.set_xticks([i * 4 + 1 for i in range(len(encs))], encs)
         ax.set_ylabel("round wall time (s)")
-        ax.set_title(f"{res['settings']['devices']} devices, one round ({scen.replace('_', ' ')})")
-        ax.legend(loc="upper right")
-    ax = axes[-2]
+        how = "burst over loopback" if scen == "burst" else f"shared {scen.split('_')[1]} uplink"
+        ax.set_title(f"{res['settings']['devices']} devices, one round: {how}\n(kit/raw above the bars)")
+        ax.legend(loc="upper center", ncol=3)
+    axes = grid[1]
+    ax = axes[0]
     a = res["aggregation"]
     keys = ("load_decode_s", "fedavg_s", "median_s", "trimmed_mean_s")
     ax.bar(["load+validate", "fedavg", "median", "trimmed mean"], [a[k] * 1e3 for k in keys], color="tab:green")
     ax.set_ylabel("ms")
     ax.set_title(f"aggregation of {a['updates']} updates")
-    ax = axes[-1]
+    ax = axes[1]
     b = res["bytes"]
     names = [k for k in b if k.startswith("lora_") and isinstance(b[k], dict)] + ["full_model_fedavg"]
     ax.bar([n.replace("_", " ") for n in names], [b[n]["total"] / 1e6 for n in names], color="tab:orange")
     ax.set_yscale("log")
     ax.set_ylabel("MB per round (up + down)")
     ax.set_title("bytes per round")
+    ax = axes[2]
+    steps = res["edge_steps"]
+    names = list(next(iter(steps.values())))
+    for j, enc in enumerate(steps):
+        ax.barh([i + 0.4 * j for i in range(len(names))], [steps[enc][k] * 1e3 for k in names], height=0.4, label=enc)
+    ax.set_yticks([i + 0.2 for i in range(len(names))], [k.removesuffix("_s").replace("_", " ") for k in names])
+    ax.set_xlabel("ms per update (each step alone)")
+    ax.set_title("edge cost per update")
+    ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -874,8 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-mbps", default="0,100,1000",
                    help="scenarios: 0 = burst (all devices send at once), N = devices take turns on a shared "
                         "N Mbit/s uplink (comma-separated)")
-    p.add_argument("--profile", action="store_true",
-                   help="also run burst rounds where the edge does only part of its work (decode / +validate / +store)")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the burst rounds where the edge does only part of its work (decode / +validate / +store)")
     p.add_argument("--quick", action="store_true", help="at most 2 reps, fewer timing repeats (a smoke run)")
     p.add_argument("--out", type=Path, default=RESULTS / "edge_bench.json")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
@@ -896,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reps = min(a.reps, 2) if a.quick else a.reps
     res = run(a.devices, reps, min(a.workers, a.devices), encodings, link_mbps=link_mbps,
-              agg_reps=3 if a.quick else 7, step_reps=5 if a.quick else 21, profile=a.profile)
+              agg_reps=3 if a.quick else 7, step_reps=5 if a.quick else 21, profile=a.profile and not a.quick)
     print_report(res)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
