@@ -288,3 +288,66 @@ def predict(
         Console().print(t)
 
     _emit(report, as_json, human)
+
+
+@app.command("run")
+def run_command(
+    broker: str = typer.Option(..., "--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in it)."),
+    device_id: str = typer.Option(..., "--id", help="This device's id (also its MQTT user name)."),
+    data: Path = typer.Option(..., "--data", help="Local training data (TSV/CSV/JSONL); it never leaves the device."),
+    password: str | None = typer.Option(None, "--password", help="MQTT password (or DEFT_PASSWORD, or in the URL)."),
+    fleet: str = typer.Option("default", "--fleet", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="Bundles, checkpoints, spool (default ./deft-device-<id>)."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="A bundle already on this device (skips the download)."),
+    board: str | None = typer.Option(None, "--board", help="Hardware profile name sent in the hello (e.g. rpi5-8gb)."),
+    text_column: str | None = typer.Option(None, "--text-column"),
+    label_column: str | None = typer.Option(None, "--label-column"),
+    backend: str = typer.Option("ort", "--backend", help="ort (default) or torch."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for training."),
+    max_rounds: int | None = typer.Option(None, "--max-rounds", help="Exit after this many rounds."),
+    idle_exit: float | None = typer.Option(None, "--idle-exit", help="Exit after this many seconds without a task."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary line when it exits."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Join a fleet: train on each round's task and upload the update, until stopped (Ctrl-C / SIGTERM)."""
+    import logging
+    import os
+    import signal
+
+    from pydantic import ValidationError
+
+    from device_runtime.agent import AgentConfig, DeviceAgent
+    from device_runtime.protocol import check_id
+    from device_runtime.protocol.errors import ProtocolError
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {device_id} %(levelname)s %(message)s")
+    try:
+        check_id(device_id)
+        if not data.is_file():
+            raise DeviceError(f"data file {data} does not exist")
+        profile = {"board": board} if board else {}
+        cfg = AgentConfig(broker=broker, device_id=device_id, password=password or os.environ.get("DEFT_PASSWORD"),
+                          fleet=fleet, data=data, workdir=workdir or Path(f"deft-device-{device_id}"),
+                          text_column=text_column, label_column=label_column, profile=profile, backend=backend,
+                          threads=threads, max_rounds=max_rounds, idle_exit_s=idle_exit)
+        agent = DeviceAgent(cfg)
+        if bundle is not None:
+            agent.cache.add_dir(bundle)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        _fail(f"{'.'.join(map(str, e['loc']))}: {e['msg']}")
+    except (DeviceError, ProtocolError) as exc:
+        _fail(str(exc))
+
+    def _stop(*_):
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        summary = agent.run()
+    except (DeviceError, ProtocolError) as exc:
+        _fail(str(exc))
+    _emit(summary, as_json, lambda r: typer.echo(
+        f"{r['device']}: {len(r['rounds'])} round(s), up {r['bytes_up']:,} B, down {r['bytes_down']:,} B"))

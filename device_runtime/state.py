@@ -78,3 +78,20 @@ def load_state_file(path: str | Path, base: Callable[[], Mapping[str, np.ndarray
             raise StateError(f"{p}: is a delta update; it needs the tensors it was computed against")
         return upd.full_tensors(base())
     return upd.tensors
+
+
+def read_checkpoint_tensors(bundle) -> dict[str, np.ndarray]:
+    """The bundle's initial trainable tensors, read from its ORT checkpoint without building a Module.
+
+    This is round 0's global state at the edge, so it must be exactly what every device starts from.
+    """
+    from device_runtime.ort_training import load_training_api
+
+    api = load_training_api()
+    state = api.CheckpointState.load_checkpoint(str(bundle.checkpoint))
+    names = {n for n, _ in state.parameters}
+    missing = [n for n in bundle.manifest.trainable_names if n not in names]
+    if missing:
+        raise StateError(f"{bundle.checkpoint}: has no tensor {missing[0]!r} that the manifest lists as trainable; "
+                         "re-export the bundle")
+    return {n: np.array(state.parameters[n].data, dtype=np.float32, copy=True) for n in bundle.manifest.trainable_names}

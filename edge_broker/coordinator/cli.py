@@ -1,0 +1,117 @@
+"""``deft edge serve``: run federated rounds for a fleet over an MQTT broker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+
+def _password(password: str | None, accounts: Path | None, user: str) -> str | None:
+    if password:
+        return password
+    if os.environ.get("DEFT_PASSWORD"):
+        return os.environ["DEFT_PASSWORD"]
+    if accounts is not None:
+        from edge_broker.broker import load_accounts
+
+        for a in load_accounts(accounts):
+            if a.username == user:
+                return a.password
+        raise typer.BadParameter(f"no account {user!r} in {accounts}")
+    return None
+
+
+def serve_command(
+    bundle: Path = typer.Option(..., help="The bundle devices train (a directory written by `deft export`)."),
+    broker: str = typer.Option(..., help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in the URL)."),
+    workdir: Path = typer.Option(Path("edge-run"), help="State (SQLite), report and adapter go here; "
+                                 "starting again with the same workdir resumes the run."),
+    fleet: str = typer.Option("default", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
+    username: str = typer.Option("edge", help="The edge's MQTT account."),
+    password: str = typer.Option(None, help="Its password (or DEFT_PASSWORD, or --accounts)."),
+    accounts: Path = typer.Option(None, help="accounts.json written by `deft edge broker` (password lookup)."),
+    devices: str = typer.Option("", help="Comma-separated device ids of the fleet (default: any device that says hello)."),
+    rounds: int = typer.Option(3, min=1, help="Number of rounds."),
+    min_devices: int = typer.Option(1, min=1, help="Start once this many devices said hello."),
+    wait_devices: float = typer.Option(300.0, help="Seconds to wait for them."),
+    deadline: float = typer.Option(600.0, help="Seconds a round waits for updates."),
+    min_updates: int = typer.Option(1, min=1, help="Updates a round needs at its deadline."),
+    strategy: str = typer.Option("fedavg", help="fedavg, fedadam, median or trimmed_mean."),
+    strategy_param: list[str] = typer.Option([], help="KEY=VALUE for the strategy (repeatable), e.g. trim=0.2."),
+    clip_norm: float = typer.Option(None, help="Clip each update's delta to this L2 norm."),
+    epochs: float = typer.Option(1.0, help="Local epochs per round."),
+    batch_size: int = typer.Option(16, help="Local batch size."),
+    lr: float = typer.Option(1e-3, help="Local learning rate."),
+    steps: int = typer.Option(None, help="Local steps per round (overrides --epochs)."),
+    encoding: str = typer.Option("int8", help="Update encoding: fp32, fp16, int8 or int8-row."),
+    eval_data: Path = typer.Option(None, help="Labelled data to score the full model on after each round."),
+    model: str = typer.Option(None, help="Full model to plug into (default: the bundle's source model)."),
+    eval_bundle: bool = typer.Option(False, help="Also score the bundle (emulator) itself with ONNX Runtime."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON line at the end."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
+) -> None:
+    """Run the rounds: distribute the bundle, collect and validate updates, aggregate, plug in, report."""
+    from pydantic import ValidationError
+
+    from edge_broker.aggregation import AggregationError
+    from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
+    from edge_broker.coordinator.coordinator import Coordinator
+    from edge_broker.store import StoreError
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    params = {}
+    for kv in strategy_param:
+        k, _, v = kv.partition("=")
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    hp = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    if steps:
+        hp["steps"] = steps
+    try:
+        cfg = CoordinatorConfig(
+            broker=broker, username=username, password=_password(password, accounts, username), fleet=fleet,
+            bundle=bundle, workdir=workdir, rounds=rounds,
+            devices=[d.strip() for d in devices.split(",") if d.strip()] or None, min_devices=min_devices,
+            wait_devices_s=wait_devices, deadline_s=deadline, min_updates=min_updates, strategy=strategy,
+            strategy_params=params, clip_norm=clip_norm, hyperparams=hp, encoding=encoding, eval_data=eval_data,
+            model=model, eval_bundle=eval_bundle)
+        coord = Coordinator(cfg)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        typer.echo(f"error: {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}", err=True)
+        raise typer.Exit(2) from None
+    except (CoordinatorError, AggregationError, StoreError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    def _stop(*_):
+        coord.stop_requested = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        report = coord.run()
+    except (CoordinatorError, AggregationError, StoreError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; start again with the same --workdir to resume", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        coord.close()
+    if json_out:
+        typer.echo(json.dumps(report, default=str))
+    else:
+        for r in report["rounds"]:
+            acc = f"accuracy {r['accuracy']:.4f}" if r.get("accuracy") is not None else ""
+            typer.echo(f"round {r['round']}: {r['accepted']} update(s) {acc}  up {r['bytes_up']:,} B  "
+                       f"down {r['bytes_down']:,} B  {r['wall_s']:.1f}s")
+        typer.echo(f"report: {report['report']}  adapter: {report['adapter_dir']}")

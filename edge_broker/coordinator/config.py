@@ -1,0 +1,60 @@
+"""What a federated run is: broker, bundle, fleet, rounds, deadlines, strategy and hyper-parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CoordinatorError(Exception):
+    """The run cannot start or go on (no devices, bad config, corrupt state). Printed as ``error: ...``."""
+
+
+class CoordinatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    broker: str = Field(description="mqtt://host:port or mqtts://...")
+    username: str = "edge"
+    password: str | None = None
+    fleet: str = "demo"
+    bundle: Path
+    workdir: Path
+    rounds: int = Field(3, ge=1)
+    #: the fleet's device ids; an update from anyone else is rejected (None: any device that says hello)
+    devices: list[str] | None = None
+    #: start the first round once this many devices said hello
+    min_devices: int = Field(1, ge=1)
+    wait_devices_s: float = Field(300.0, gt=0)
+    #: a round closes when every selected device answered, or at the deadline with >= min_updates
+    deadline_s: float = Field(600.0, gt=0)
+    min_updates: int = Field(1, ge=1)
+    max_deadline_extensions: int = Field(3, ge=0)
+    strategy: str = "fedavg"
+    strategy_params: dict[str, Any] = Field(default_factory=dict)
+    clip_norm: float | None = Field(None, gt=0)
+    hyperparams: dict[str, Any] = Field(default_factory=lambda: {"epochs": 1, "batch_size": 16, "lr": 1e-3})
+    encoding: Literal["fp32", "fp16", "int8", "int8-row"] = "int8"
+    delta: bool = True
+    max_update_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    #: a device silent for this long is marked lost (heartbeats come every few seconds)
+    lost_after_s: float = Field(20.0, gt=0)
+    #: full-model evaluation after each round (labelled TSV/CSV/JSONL); None: skip
+    eval_data: Path | None = None
+    #: the full model to plug into (default: the bundle's source model)
+    model: str | None = None
+    #: also score the bundle itself (the emulator) with ONNX Runtime on eval_data
+    eval_bundle: bool = False
+    eval_initial: bool = True
+    report_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CoordinatorConfig:
+        if self.devices is not None and self.min_devices > len(self.devices):
+            raise ValueError(f"min_devices={self.min_devices} but only {len(self.devices)} devices are listed")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return self.report_dir or (self.workdir / "report")

@@ -1,0 +1,98 @@
+"""Score the global state the way users will use it: plugged into the full model (torch + peft).
+
+The full model is loaded and wrapped once; each round only its adapter tensors are overwritten, so
+per-round evaluation costs one forward pass over the evaluation set. For an emulator bundle the
+bundle itself can be scored too (ONNX Runtime eval graph), which shows the plug-in gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from device_runtime.bundle.load import Bundle
+
+log = logging.getLogger("deft.edge")
+
+
+class FullModelEvaluator:
+    def __init__(self, bundle: Bundle, data: str | Path, model: str | None = None, batch_size: int = 64) -> None:
+        from device_runtime.data import load_dataset
+
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.source = model
+        self.batch_size = batch_size
+        self.ds = load_dataset(data, self.manifest, bundle.tokenizer)
+        if self.ds.labels is None:
+            raise ValueError(f"{data}: evaluation data needs labels")
+        self._model = None
+
+    def _plug(self, tensors: Mapping[str, np.ndarray]):
+        import torch
+
+        from export.plugin import load_full_model, plug_in, to_full_names
+
+        if self._model is None:
+            self._model = plug_in(load_full_model(self.manifest, self.source), self.manifest, tensors)
+            return self._model
+        params = dict(self._model.named_parameters())
+        with torch.no_grad():
+            for name, arr in to_full_names(self.manifest, tensors).items():
+                params[name].copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
+        return self._model
+
+    def evaluate(self, tensors: Mapping[str, np.ndarray]) -> dict:
+        """Accuracy and mean loss of the full model with ``tensors`` plugged in."""
+        import torch
+
+        t0 = time.perf_counter()
+        model = self._plug(tensors)
+        ds = self.ds
+        correct, loss_sum, n, count = 0, 0.0, len(ds), 0
+        with torch.inference_mode():
+            for s in range(0, n, self.batch_size):
+                idx = np.arange(s, min(n, s + self.batch_size))
+                b = ds.batch(idx)
+                out = model(input_ids=torch.from_numpy(b["input_ids"]),
+                            attention_mask=torch.from_numpy(b["attention_mask"]))
+                logits = out.logits.float()
+                labels = torch.from_numpy(b["labels"])
+                if logits.dim() == 3:  # causal LM: next-token loss and accuracy over the real tokens
+                    logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+                    keep = labels != -100
+                    logits, labels = logits[keep], labels[keep]
+                    count += int(keep.sum())
+                else:
+                    count += len(idx)
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+        return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count), "rows": n,
+                "eval_s": round(time.perf_counter() - t0, 3)}
+
+    def save_adapter(self, tensors: Mapping[str, np.ndarray], out_dir: str | Path) -> Path:
+        from export.plugin import save_adapter
+
+        return save_adapter(self._plug(tensors), out_dir)
+
+
+class BundleEvaluator:
+    """The bundle's own (emulator) accuracy with ONNX Runtime, for comparison with the plug-in."""
+
+    def __init__(self, bundle: Bundle, data: str | Path) -> None:
+        from device_runtime.backends import make_backend
+        from device_runtime.data import load_dataset
+
+        self.backend = make_backend(bundle, "ort")
+        self.ds = load_dataset(data, bundle.manifest, bundle.tokenizer)
+
+    def evaluate(self, tensors: Mapping[str, np.ndarray]) -> dict:
+        from device_runtime.evaluate import evaluate
+        from device_runtime.state import apply_global_state
+
+        apply_global_state(self.backend, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})
+        return evaluate(self.backend, self.ds)

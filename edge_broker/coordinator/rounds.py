@@ -1,0 +1,100 @@
+"""One round's rules: which updates count (validation -> store, once per key) and how they combine.
+
+Kept apart from the message loop so the same functions serve the live coordinator, a restarted one
+(which re-reads the round's stored updates) and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device_runtime.bundle.manifest import Manifest
+from device_runtime.protocol import Envelope
+from edge_broker.aggregation import ClientUpdate, Strategy
+from edge_broker.store import Store
+from edge_broker.validation import RejectReason, UpdateRules, validate_payload
+
+log = logging.getLogger("deft.edge")
+
+
+@dataclass
+class Outcome:
+    """What happened to one received update, and what to acknowledge to its sender."""
+
+    accepted: bool
+    reason: str | None
+    counted: bool  # True only the first time an update is stored
+
+
+@dataclass
+class RoundStats:
+    rejected: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def make_rules(manifest: Manifest, bundle_hash: str, round: int, devices: list[str], max_bytes: int) -> UpdateRules:
+    return UpdateRules(devices=set(devices), round=round, bundle_hash=bundle_hash, specs=manifest.trainable,
+                       max_bytes=max_bytes)
+
+
+def ingest(store: Store, rules: UpdateRules, env: Envelope, *, sender: str, topic_round: int | None) -> Outcome:
+    """Validate one update and store it once under its idempotency key (a rejected one is stored too,
+    with its reason, so the report can say what was refused and why)."""
+    key = env.header.key
+    checked, rej = validate_payload(rules, env.body, sender=sender, round=topic_round)
+    round_ = topic_round if topic_round is not None else rules.round
+    if rej is not None:
+        res = store.add_update(key, round=round_, device=sender, samples=0, payload=None, accepted=False,
+                               reason=rej.reason.value, meta={"detail": rej.detail})
+        if res == "duplicate_key":
+            return Outcome(store.has_update(round_, sender), "duplicate", False)
+        log.warning("rejected update %s from %s: %s", key, sender, rej)
+        return Outcome(False, str(rej), False)
+    assert checked is not None
+    res = store.add_update(key, round=checked.round, device=sender, samples=checked.samples, payload=env.body,
+                           meta={"metrics": checked.metrics, "bytes": len(env.body)})
+    if res == "stored":
+        log.info("round %d: update from %s accepted (%d samples, %d bytes)", checked.round, sender, checked.samples,
+                 len(env.body))
+        return Outcome(True, None, True)
+    if res == "duplicate_key":  # a QoS 1 redelivery or a replay: acknowledged, not counted again
+        return Outcome(store.has_update(checked.round, sender), "duplicate", False)
+    reason = f"{RejectReason.DEVICE_MISMATCH.value}: device {sender} already has an update counted in round {checked.round}"
+    log.warning("rejected a second update from %s in round %d", sender, checked.round)
+    return Outcome(False, reason, False)
+
+
+def aggregate_round(store: Store, rules: UpdateRules, strategy: Strategy,
+                    global_tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    """The new global tensors from every update counted in the round, and a summary of them."""
+    t0 = time.perf_counter()
+    ups: list[ClientUpdate] = []
+    losses = []
+    for u in store.updates(rules.round):
+        checked, rej = validate_payload(rules, u.payload or b"", sender=u.device, round=rules.round)
+        if rej is not None:  # cannot happen for a stored accepted update unless the DB was edited
+            log.error("stored update %s of %s no longer validates (%s); leaving it out", u.key, u.device, rej)
+            continue
+        ups.append(ClientUpdate(u.device, checked.tensors, checked.samples, is_delta=checked.is_delta))
+        if "final_train_loss" in checked.metrics:
+            losses.append(float(checked.metrics["final_train_loss"]))
+    new = strategy.aggregate(global_tensors, ups)
+    rep = strategy.report
+    summary = {
+        "devices": [u.device for u in ups],
+        "samples": int(sum(u.samples for u in ups)),
+        "weights": [round(float(w), 4) for w in rep.weights],
+        "delta_norms": [round(float(n), 5) for n in rep.delta_norms],
+        "clipped": list(rep.clipped),
+        "mean_final_train_loss": float(np.mean(losses)) if losses else None,
+        "aggregation_s": round(time.perf_counter() - t0, 4),
+    }
+    return new, summary
