@@ -67,6 +67,8 @@ ROUND_TIMEOUT_S = 120.0
 MINILM_PARAMS_FALLBACK = 22_713_216
 RAW_KIND = "bench-raw"
 TARGET_RATIO = 1.2
+#: a device reads at most this many messages while waiting for its task or its ack
+MAX_INBOX_MESSAGES = 10_000
 #: kit: the edge validates on one thread while a writer thread stores and acks (acks not awaited one by
 #: one); kit-serial: validate -> store -> ack awaited, one update at a time (the simplest coordinator loop)
 KIT_MODES = ("kit", "kit-serial")
@@ -168,8 +170,11 @@ def _worker(conn: Any, host: str, port: int, creds: list[tuple[str, str]], clien
         conn.send(("connected", len(clients)))
         threads: list[threading.Thread] = []
         results: dict[str, dict[str, Any]] = {}
-        while True:
-            cmd, *args = conn.recv()
+        while True:  # ends on "close" or when the parent goes away (EOFError)
+            try:
+                cmd, *args = conn.recv()
+            except EOFError:
+                break
             if cmd == "close":
                 break
             if cmd == "prepare":
@@ -201,6 +206,13 @@ def _worker(conn: Any, host: str, port: int, creds: list[tuple[str, str]], clien
             c.close()
 
 
+def _get_before(q: queue.Queue, deadline: float) -> Any:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise queue.Empty
+    return q.get(timeout=left)
+
+
 def _device_round(client: Any, inbox: queue.Queue, t: Any, dev: str, round_: int, mode: str, env: Any,
                   offset: float, results: dict[str, dict[str, Any]]) -> None:
     """One device's part of a round: wait for the task, send the update (kit: envelope; raw: bytes), await the ack.
@@ -212,10 +224,12 @@ def _device_round(client: Any, inbox: queue.Queue, t: Any, dev: str, round_: int
     deadline = time.monotonic() + ROUND_TIMEOUT_S
     out: dict[str, Any] = {"ok": False}
     try:
-        while True:  # the task
-            msg = inbox.get(timeout=max(0.001, deadline - time.monotonic()))
+        for _ in range(MAX_INBOX_MESSAGES):  # the task (bounded in count and, through the deadline, in time)
+            msg = _get_before(inbox, deadline)
             if msg.envelope.header.type == "task" and (task := parse_body(msg.envelope, Task)).round == round_:
                 break
+        else:
+            raise queue.Empty
         out["task_rx"] = time.monotonic()
         if offset:  # the task carries the edge's monotonic publish time (one clock on one machine)
             time.sleep(max(0.0, float(task.hyperparams["bench_t0"]) + offset - time.monotonic()))
@@ -227,13 +241,15 @@ def _device_round(client: Any, inbox: queue.Queue, t: Any, dev: str, round_: int
         out["sent"] = time.monotonic()
         out["bytes_up"] = client.stats.bytes_up - before
         if mode in KIT_MODES:
-            while True:  # the application ack for this update
-                msg = inbox.get(timeout=max(0.001, deadline - time.monotonic()))
+            for _ in range(MAX_INBOX_MESSAGES):  # the application ack for this update
+                msg = _get_before(inbox, deadline)
                 if msg.envelope.header.type == "ack":
                     ack = parse_body(msg.envelope, Ack)
                     if ack.ack == env.header.key:
                         out["accepted"] = ack.accepted
                         break
+            else:
+                raise queue.Empty
             out["ack_rx"] = time.monotonic()
         out["ok"] = True
     except queue.Empty:
