@@ -174,6 +174,7 @@ class DeviceAgent:
                                    "error": str(exc)})
                     state.update(state="idle")
                 if self.cfg.max_rounds is not None and len(self.rounds_done) >= self.cfg.max_rounds:
+                    self._wait_final_global(self.rounds_done[-1])
                     break
         finally:
             self.stop_event.set()
@@ -340,6 +341,23 @@ class DeviceAgent:
                 raise AgentError(f"round {task.round}: global state of round {task.global_round} never arrived")
             time.sleep(0.1)
         raise AgentError("stopped while waiting for the global state")
+
+    def _wait_final_global(self, last: dict) -> None:
+        """Before exiting after its last round, take the global state that round produces, so the
+        device keeps the final model (bounded; skipped when the edge never acknowledged)."""
+        if last.get("accepted") is None:
+            return
+        deadline = time.monotonic() + self.cfg.global_wait_s
+        while not self.stop_event.is_set():
+            self._drain_globals()
+            g = self._global
+            if g is not None and (g.header.round or 0) >= last["round"]:
+                return
+            if time.monotonic() > deadline:
+                log.warning("round %d's global state did not arrive within %.0fs; exiting with round %s's",
+                            last["round"], self.cfg.global_wait_s, None if g is None else g.header.round)
+                return
+            self.stop_event.wait(0.1)
 
     def _save_last_global(self) -> None:
         """Keep the newest global state (apply it with ``deft device predict --state``)."""
