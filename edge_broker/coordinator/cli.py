@@ -50,6 +50,7 @@ def serve_command(
     lr: float = typer.Option(1e-3, help="Local learning rate."),
     steps: int = typer.Option(None, help="Local steps per round (overrides --epochs)."),
     encoding: str = typer.Option("int8", help="Update encoding: fp32, fp16, int8 or int8-row."),
+    max_update_bytes: int = typer.Option(64 * 1024 * 1024, help="Reject an update payload larger than this."),
     eval_data: Path = typer.Option(None, help="Labelled data to score the full model on after each round."),
     model: str = typer.Option(None, help="Full model to plug into (default: the bundle's source model)."),
     eval_bundle: bool = typer.Option(False, help="Also score the bundle (emulator) itself with ONNX Runtime."),
@@ -82,7 +83,8 @@ def serve_command(
             bundle=bundle, workdir=workdir, rounds=rounds,
             devices=[d.strip() for d in devices.split(",") if d.strip()] or None, min_devices=min_devices,
             wait_devices_s=wait_devices, deadline_s=deadline, min_updates=min_updates, strategy=strategy,
-            strategy_params=params, clip_norm=clip_norm, hyperparams=hp, encoding=encoding, eval_data=eval_data,
+            strategy_params=params, clip_norm=clip_norm, hyperparams=hp, encoding=encoding,
+            max_update_bytes=max_update_bytes, eval_data=eval_data,
             model=model, eval_bundle=eval_bundle)
         coord = Coordinator(cfg)
     except ValidationError as exc:
