@@ -58,6 +58,8 @@ class Coordinator:
         self._selected: list[str] = []
         self._task_env: dict[str, Envelope] = {}
         self.stop_requested = False
+        #: called while waiting; a returned message aborts the run (the demo: "a device process died")
+        self.watchdog: Callable[[], str | None] | None = None
         self._evaluator = None
         self._bundle_evaluator = None
 
@@ -102,6 +104,9 @@ class Coordinator:
             if kind == "update":
                 self.stats.rejected["malformed"] += 1
         self.registry.check_lost()
+        why = self.watchdog() if self.watchdog is not None else None
+        if why:
+            raise CoordinatorError(why)
 
     def _dispatch(self, msg) -> None:
         info = msg.info
