@@ -60,6 +60,7 @@ class Coordinator:
         self.stop_requested = False
         #: called while waiting; a returned message aborts the run (the demo: "a device process died")
         self.watchdog: Callable[[], str | None] | None = None
+        self._rules = None
         self._evaluator = None
         self._bundle_evaluator = None
 
@@ -135,15 +136,19 @@ class Coordinator:
     def _on_update(self, msg) -> None:
         dev = msg.info.device
         cur = self._round if self._round is not None else (self._last_round() or 0)
-        rules = make_rules(self.manifest, self.bundle.hash, cur, self._known_devices(), self.cfg.max_update_bytes)
+        known = self._known_devices()
+        if self._rules is None or self._rules.round != cur or set(self._rules.devices) != set(known):
+            self._rules = make_rules(self.manifest, self.bundle.hash, cur, known, self.cfg.max_update_bytes)
+        rules = self._rules
         out = ingest(self.store, rules, msg.envelope, sender=dev, topic_round=msg.info.round)
         if out.reason and out.reason != "duplicate" and not out.accepted:
             self.stats.rejected[out.reason.split(":")[0]] += 1
         if out.reason == "duplicate":
             self.stats.duplicates += 1
         ack = make_ack(msg.envelope, sender=self.cfg.username, accepted=out.accepted, reason=out.reason)
-        try:
-            self._send(self.topics.ack_to(dev), ack)
+        try:  # not waiting for the broker's PUBACK: the device resends (same key) if an ack goes missing
+            self.client.publish(self.topics.ack_to(dev), ack, wait=False)
+            self.stats.bytes_down += ack.encoded_size
         except ProtocolError as exc:
             log.warning("could not acknowledge %s's update: %s", dev, exc)
         if out.counted:
@@ -151,7 +156,7 @@ class Coordinator:
                            "bytes": msg.envelope.header.length})
 
     def _known_devices(self) -> list[str]:
-        return [d.id for d in self.store.devices() if self.registry.allowed_device(d.id)]
+        return self.registry.registered()
 
     def _last_round(self) -> int | None:
         rec = self.store.latest_round()

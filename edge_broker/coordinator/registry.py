@@ -18,6 +18,7 @@ class Registry:
         self.store = store
         self.allowed = set(allowed) if allowed is not None else None
         self.lost_after_s = lost_after_s
+        self._registered: list[str] | None = None
         # grace period after a (re)start: last_seen values from before it say nothing about now
         self._grace_until = time.time() + lost_after_s
         now = time.time()
@@ -46,6 +47,7 @@ class Registry:
                 self.store.upsert_device(dev, profile=hello.profile,
                                          capabilities={**hello.capabilities, "bundles": hello.bundles,
                                                        "kit_version": hello.kit_version})
+                self._registered = None
                 log.info("device %s said hello (%s)", dev, hello.profile.get("board", "no profile"))
             elif info.kind == "heartbeat":
                 parse_body(msg.envelope, Heartbeat)
@@ -70,6 +72,12 @@ class Registry:
         for d in lost:
             log.warning("device %s is lost (silent for more than %.0fs)", d, self.lost_after_s)
         return lost
+
+    def registered(self) -> list[str]:
+        """Devices that said hello (cached: asked once per received update)."""
+        if self._registered is None:
+            self._registered = sorted(d.id for d in self.store.devices() if self.allowed_device(d.id))
+        return self._registered
 
     def online(self) -> list[str]:
         return [d.id for d in self.store.devices("online") if self.allowed_device(d.id)]

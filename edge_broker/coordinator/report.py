@@ -44,7 +44,8 @@ def plot_report(report: dict, path: Path) -> Path | None:
     w = 0.38
     ax.bar([x - w / 2 for x in xs], [r["bytes_up"] / 1e6 for r in rounds], w, label="up (devices to edge)")
     ax.bar([x + w / 2 for x in xs], [r["bytes_down"] / 1e6 for r in rounds], w, label="down (edge to devices)")
-    ax.set(title="bytes per round", xlabel="round", ylabel="MB")
+    ax.set_yscale("log")  # the first round carries the bundle download, later ones only adapters
+    ax.set(title="bytes per round (log scale)", xlabel="round", ylabel="MB")
     ax.legend()
     ax = axes[2]
     ax.bar(xs, [r["wall_s"] for r in rounds], color="tab:gray")
