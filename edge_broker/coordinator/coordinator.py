@@ -227,9 +227,10 @@ class Coordinator:
         rec = self.store.round(r)
         g_round, g = self.store.load_global()
         if rec is None:
-            selected = self.wait_for_devices() if not self.registry.online() or r == 1 else self.registry.online()
-            if len(selected) < self.cfg.min_devices:
-                selected = self.wait_for_devices()
+            # min_devices gates the first round only: later rounds go on with the devices still online
+            # (one lost in an earlier round must not stall the run), waiting only below the quorum
+            online = self.registry.online()
+            selected = self.wait_for_devices() if r == 1 or len(online) < self.cfg.min_updates else online
             rec = self.store.open_round(r, bundle_hash=self.bundle.hash,
                                         config={"selected": selected, "global_round": g_round},
                                         deadline=time.time() + self.cfg.deadline_s)
