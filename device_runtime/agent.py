@@ -389,7 +389,13 @@ class DeviceAgent:
         kw["seed"] = int(kw.get("seed", 0)) * 1_000_003 + task.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 997
         cfg = TrainConfig(**kw, progress=False, backend=self.cfg.backend, threads=self.cfg.threads,
                           checkpoint_dir=str(self.workdir / "checkpoints" / f"round-{task.round}"), checkpoint_every=25)
-        res = train(bundle, ds, cfg, initial_state=base)
+        initial, frozen = base, None
+        if base is not None:
+            # a block-subset bundle (LoLa DEFT): train its own tensors, hold the rest at the global values
+            mine = set(bundle.manifest.trainable_names)
+            initial = {k: v for k, v in base.items() if k in mine}
+            frozen = {k: v for k, v in base.items() if k not in mine} or None
+        res = train(bundle, ds, cfg, initial_state=initial, frozen_state=frozen)
         log.info("round %d: trained %d steps on %d rows, last loss %.4f", task.round, res.report["steps"],
                  res.report["train_rows"], res.report["train_loss"][-1])
         return res.report, res.tensors, res.start_tensors

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.bundle.load import Bundle
-from device_runtime.errors import BundleError
+from device_runtime.errors import BundleError, StateError
 from device_runtime.ort_training import load_training_api, quiet, set_seed
 
 
@@ -90,6 +90,21 @@ class OrtBackend:
         """Overwrite trainable tensors in place (already validated by ``state.check_tensors``)."""
         for n, v in tensors.items():
             self._state.parameters[n] = np.ascontiguousarray(v, dtype=np.float32)
+
+    def set_frozen(self, tensors: dict[str, np.ndarray]) -> None:
+        """Overwrite frozen (non-trainable) parameters, e.g. the LoRA tensors of blocks another device
+        trains this round, so the forward pass uses the current global state, not the bundle's."""
+        params = dict(self._state.parameters)
+        for n, v in tensors.items():
+            if n not in params:
+                raise StateError(f"tensor {n!r} is not a parameter of this bundle; the state was made for another bundle")
+            arr = np.ascontiguousarray(v, dtype=np.float32)
+            if tuple(arr.shape) != tuple(params[n].data.shape):
+                raise StateError(f"tensor {n!r} has shape {tuple(arr.shape)}, the bundle expects "
+                                 f"{tuple(params[n].data.shape)}")
+            if not np.isfinite(arr).all():
+                raise StateError(f"tensor {n!r} has NaN/Inf values; refusing to load it")
+            self._state.parameters[n] = arr
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, path: str | Path, include_optimizer_state: bool = True) -> None:

@@ -116,16 +116,18 @@ def _progress(enabled: bool, total: int, done: int):
 
 
 def train(bundle: Bundle, train_ds: Dataset, cfg: TrainConfig, eval_ds: Dataset | None = None, *,
-          initial_state: dict[str, np.ndarray] | None = None) -> TrainResult:
+          initial_state: dict[str, np.ndarray] | None = None,
+          frozen_state: dict[str, np.ndarray] | None = None) -> TrainResult:
     """Train ``bundle`` on ``train_ds``; resume from ``cfg.checkpoint_dir`` when it holds this run."""
     cfg.validate()
     if train_ds.labels is None:
         raise DeviceError("training needs labelled data (a label column, or a causal-LM bundle)")
     total = cfg.total_steps(len(train_ds))
     fp = run_fingerprint(bundle=bundle.hash, data=dataset_digest(train_ds), total=total,
-                         initial=None if initial_state is None else
-                         hashlib.sha256(b"".join(np.ascontiguousarray(initial_state[k]).tobytes()
-                                                 for k in sorted(initial_state))).hexdigest()[:16],
+                         initial=None if initial_state is None and not frozen_state else
+                         hashlib.sha256(b"".join(np.ascontiguousarray(st[k]).tobytes()
+                                                 for st in (initial_state or {}, frozen_state or {})
+                                                 for k in sorted(st))).hexdigest()[:16],
                          **{k: v for k, v in asdict(cfg).items()
                             if k not in ("progress", "checkpoint_dir", "checkpoint_every", "eval_every",
                                          "eval_batch_size", "threads")})
@@ -148,6 +150,11 @@ def train(bundle: Bundle, train_ds: Dataset, cfg: TrainConfig, eval_ds: Dataset 
         if ckdir is not None:
             ckdir.save_start(start_tensors)
         step0, losses, samples, history = 0, [], 0, []
+
+    if frozen_state:
+        if not hasattr(backend, "set_frozen"):
+            raise DeviceError(f"the {cfg.backend} backend cannot load frozen tensors; use the ort backend")
+        backend.set_frozen(frozen_state)
 
     def record() -> dict:
         return {"step": step, "train_loss": losses, "samples": samples, "eval_history": history}

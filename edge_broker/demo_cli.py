@@ -33,7 +33,7 @@ def demo_command(
     from edge_broker.demo.run import DemoOptions, quiet_logging, run_demo
 
     quiet_logging(verbose)
-    console = Console(stderr=json_out)
+    console = Console(stderr=json_out, soft_wrap=True)  # no wrapping: the mosquitto_sub line must stay copyable
     t0 = __import__("time").perf_counter()
 
     def say(msg: str) -> None:

@@ -72,6 +72,8 @@ class UpdateRules:
     bundle_hash: str
     specs: Sequence[Any]
     device_specs: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    #: per-device bundle hash where devices train different variants of the bundle (LoLa DEFT blocks)
+    device_bundles: Mapping[str, str] = field(default_factory=dict)
     allow_subset: bool = False
     max_bytes: int = 64 * 1024 * 1024
     max_samples: int = 10**9
@@ -97,9 +99,10 @@ def validate_update(
         return Rejection(RejectReason.UNKNOWN_DEVICE, f"device {device!r} is not registered in this fleet")
     if round != rules.round:
         return Rejection(RejectReason.WRONG_ROUND, f"update is for round {round}, the current round is {rules.round}")
-    if bundle_hash != rules.bundle_hash:
+    want = rules.device_bundles.get(device, rules.bundle_hash)
+    if bundle_hash != want:
         return Rejection(RejectReason.WRONG_BUNDLE,
-                         f"update was trained on bundle {bundle_hash[:12]}, this round uses {rules.bundle_hash[:12]}")
+                         f"update was trained on bundle {bundle_hash[:12]}, this round uses {want[:12]}")
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or not 0 < samples <= rules.max_samples:
         return Rejection(RejectReason.BAD_SAMPLES, f"samples={samples!r}; must be an integer in 1..{rules.max_samples}")
     expected = rules.specs_for(device)

@@ -54,6 +54,10 @@ def serve_command(
     eval_data: Path = typer.Option(None, help="Labelled data to score the full model on after each round."),
     model: str = typer.Option(None, help="Full model to plug into (default: the bundle's source model)."),
     eval_bundle: bool = typer.Option(False, help="Also score the bundle (emulator) itself with ONNX Runtime."),
+    allocation: str = typer.Option(None, help="LoLa DEFT: crunch or joint matches devices to blocks each round "
+                                   "(each device trains a bundle variant with only its blocks trainable)."),
+    cost_table: Path = typer.Option(None, help="Per-block cost table from `deft hw profile` (default: an estimate)."),
+    total_bandwidth: float = typer.Option(20e6, help="Uplink bandwidth the fleet shares, Hz (joint allocation)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON line at the end."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
 ) -> None:
@@ -85,7 +89,8 @@ def serve_command(
             wait_devices_s=wait_devices, deadline_s=deadline, min_updates=min_updates, strategy=strategy,
             strategy_params=params, clip_norm=clip_norm, hyperparams=hp, encoding=encoding,
             max_update_bytes=max_update_bytes, eval_data=eval_data,
-            model=model, eval_bundle=eval_bundle)
+            model=model, eval_bundle=eval_bundle, allocation=allocation, cost_table=cost_table,
+            total_bandwidth=total_bandwidth)
         coord = Coordinator(cfg)
     except ValidationError as exc:
         e = exc.errors()[0]

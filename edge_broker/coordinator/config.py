@@ -48,6 +48,14 @@ class CoordinatorConfig(BaseModel):
     eval_bundle: bool = False
     eval_initial: bool = True
     report_dir: Path | None = None
+    #: LoLa DEFT: match devices to blocks each round (crunch or joint); None: every device trains everything
+    allocation: Literal["crunch", "joint", "greedy", "random", "equal"] | None = None
+    #: per-block costs measured by `deft hw profile` (None: an analytic estimate)
+    cost_table: Path | None = None
+    #: uplink bandwidth shared by the fleet, Hz (joint allocation splits it)
+    total_bandwidth: float = Field(20e6, gt=0)
+    #: local steps per round the allocator assumes when the task gives epochs, not steps
+    plan_steps: int = Field(100, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorConfig:

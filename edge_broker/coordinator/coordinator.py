@@ -61,6 +61,15 @@ class Coordinator:
         #: called while waiting; a returned message aborts the run (the demo: "a device process died")
         self.watchdog: Callable[[], str | None] | None = None
         self._rules = None
+        self._variants: dict = {}
+        self._planner = None
+        if cfg.allocation is not None:
+            from edge_broker.coordinator.block_plan import BlockPlanner
+
+            steps = int(cfg.hyperparams.get("steps") or cfg.plan_steps)
+            bpv = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int8-row": 1.05}[cfg.encoding]
+            self._planner = BlockPlanner(self.bundle, cfg.workdir / "variants", cfg.allocation, cfg.cost_table,
+                                         cfg.total_bandwidth, steps, bpv)
         self._evaluator = None
         self._bundle_evaluator = None
 
@@ -77,6 +86,7 @@ class Coordinator:
             raise CoordinatorError(str(exc)) from None
         self.inbox = self.client.subscribe(self.topics.from_devices("#"))
         self.bundles = BundleServer(self.bundle, self.client, self.topics, sender=self.cfg.username)
+        self.servers: dict[str, BundleServer] = {self.bundle.hash: self.bundles}
 
     def _send(self, topic: str, env: Envelope, *, fanout: int = 1, retain: bool = False) -> None:
         self.client.publish(topic, env, retain=retain, timeout=60)
@@ -125,7 +135,7 @@ class Coordinator:
                 self.on_event({"event": "device", "device": dev, "online": len(self.registry.online())})
         elif kind == "bundle-request":
             if self.registry.known(dev):
-                sent = self.bundles.handle(msg)
+                sent = self._server_for(msg).handle(msg)
                 self.stats.bytes_down += sent
                 self.on_event({"event": "bundle", "device": dev, "bytes": sent})
             else:
@@ -138,7 +148,7 @@ class Coordinator:
         cur = self._round if self._round is not None else (self._last_round() or 0)
         known = self._known_devices()
         if self._rules is None or self._rules.round != cur or set(self._rules.devices) != set(known):
-            self._rules = make_rules(self.manifest, self.bundle.hash, cur, known, self.cfg.max_update_bytes)
+            self._rules = self._make_rules(cur, known)
         rules = self._rules
         out = ingest(self.store, rules, msg.envelope, sender=dev, topic_round=msg.info.round)
         if out.reason and out.reason != "duplicate" and not out.accepted:
@@ -155,8 +165,25 @@ class Coordinator:
             self.on_event({"event": "update", "device": dev, "round": msg.info.round,
                            "bytes": msg.envelope.header.length})
 
+    def _server_for(self, msg) -> BundleServer:
+        """The server of the bundle a request names (the round's bundle, or a device's block variant)."""
+        from device_runtime.protocol import BundleRequest, parse_body
+
+        try:
+            want = parse_body(msg.envelope, BundleRequest).bundle
+        except ProtocolError:
+            return self.bundles
+        return self.servers.get(want, self.bundles)
+
     def _known_devices(self) -> list[str]:
         return self.registry.registered()
+
+    def _make_rules(self, round_: int, known: list[str]):
+        rules = make_rules(self.manifest, self.bundle.hash, round_, known, self.cfg.max_update_bytes)
+        if round_ == self._round and self._variants:  # LoLa DEFT: each device trains its own block bundle
+            rules.device_bundles = {d: b.hash for d, b in self._variants.items()}
+            rules.device_specs = {d: b.manifest.trainable for d, b in self._variants.items()}
+        return rules
 
     def _last_round(self) -> int | None:
         rec = self.store.latest_round()
@@ -231,13 +258,22 @@ class Coordinator:
             # (one lost in an earlier round must not stall the run), waiting only below the quorum
             online = self.registry.online()
             selected = self.wait_for_devices() if r == 1 or len(online) < self.cfg.min_updates else online
-            rec = self.store.open_round(r, bundle_hash=self.bundle.hash,
-                                        config={"selected": selected, "global_round": g_round},
+            config: dict[str, Any] = {"selected": selected, "global_round": g_round}
+            if self._planner is not None:
+                config.update(self._plan(selected))
+                selected = config["selected"]
+            rec = self.store.open_round(r, bundle_hash=self.bundle.hash, config=config,
                                         deadline=time.time() + self.cfg.deadline_s)
             log.info("round %d opened with %s (deadline in %.0fs)", r, ", ".join(selected), self.cfg.deadline_s)
         else:
             log.info("round %d resumed after a restart (%d update(s) already counted)", r, self.store.count_updates(r))
         selected = list(rec.config["selected"])
+        self._variants = {}
+        for dev, path in rec.config.get("variants", {}).items():
+            b = load_bundle(path)
+            self._variants[dev] = b
+            if b.hash not in self.servers:
+                self.servers[b.hash] = BundleServer(b, self.client, self.topics, sender=self.cfg.username)
         if rec.config.get("global_round") != g_round:
             got = self.store.load_global(rec.config["global_round"])
             if got is None:
@@ -247,11 +283,15 @@ class Coordinator:
         if self._global_env is None or self._global_env.header.round != g_round:
             self._publish_global(g_round, g)
         self._round, self._selected = r, selected
-        task = Task(round=r, bundle_hash=self.bundle.hash, global_round=g_round,
-                    global_sha256=self._global_env.header.sha256, hyperparams=self.cfg.hyperparams,
-                    encoding=self.cfg.encoding, delta=self.cfg.delta, deadline_ts=rec.deadline)
-        self._task_env = {d: to_envelope(task, sender=self.cfg.username, fleet=self.cfg.fleet, round=r)
-                          for d in selected}
+        blocks = rec.config.get("blocks", {})
+        self._task_env = {}
+        for d in selected:
+            task = Task(round=r, bundle_hash=self._variants[d].hash if d in self._variants else self.bundle.hash,
+                        global_round=g_round, global_sha256=self._global_env.header.sha256,
+                        hyperparams=self.cfg.hyperparams, encoding=self.cfg.encoding, delta=self.cfg.delta,
+                        deadline_ts=rec.deadline, trainable_blocks=blocks.get(d))
+            self._task_env[d] = to_envelope(task, sender=self.cfg.username, fleet=self.cfg.fleet, round=r)
+        self._rules = None
         for d in selected:
             if not self.store.has_update(r, d):
                 self._send(self.topics.task_for(d, r), self._task_env[d])
@@ -284,11 +324,17 @@ class Coordinator:
                 deadline = time.time() + self.cfg.deadline_s
                 log.warning("round %d: %d of %d required updates at the deadline; extending it by %.0fs",
                             r, len(got), self.cfg.min_updates, self.cfg.deadline_s)
-        rules = make_rules(self.manifest, self.bundle.hash, r, self._known_devices(), self.cfg.max_update_bytes)
+        rules = self._make_rules(r, self._known_devices())
         new, summary = aggregate_round(self.store, rules, self.strategy, g)
         result: dict[str, Any] = {"round": r, "selected": selected, "missing": pending, "deadline_hit": deadline_hit,
                                   "accepted": len(summary["devices"]), "rejected": dict(self.stats.rejected),
                                   "duplicates": self.stats.duplicates, **summary}
+        if "plan" in rec.config:  # LoLa DEFT: the allocator's prediction next to what happened
+            measured = {u.device: round(u.received - rec.started, 3) for u in self.store.updates(r, with_payload=False)}
+            result["allocation"] = {**rec.config["plan"], "measured_latency_s": max(measured.values(), default=None),
+                                    "measured_device_latency_s": measured}
+            log.info("round %d: predicted latency %.2fs (%s), measured %.2fs", r, rec.config["plan"]["round_latency_s"],
+                     rec.config["plan"]["method"], result["allocation"]["measured_latency_s"] or float("nan"))
         if self.cfg.eval_data is not None:
             ev = self._evaluate(new)
             result.update(accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_s=ev["eval_s"])
@@ -305,6 +351,22 @@ class Coordinator:
                  f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else "")
         self.on_event({"event": "round_closed", **result})
         return result
+
+    def _plan(self, online: list[str]) -> dict[str, Any]:
+        """Run the allocator for this round: who trains which blocks, with which variant bundle."""
+        devices = [d for d in self.store.devices() if d.id in online]
+        plan, variants = self._planner.plan(devices)
+        busy = [d.id for d in plan.devices if not d.idle]
+        if plan.idle:
+            log.info("plan: %s idle this round (more devices than blocks)", ", ".join(plan.idle))
+        return {"selected": busy,
+                "variants": {d: str(b.root) for d, b in variants.items()},
+                "blocks": {d.id: d.blocks for d in plan.devices if not d.idle},
+                "plan": {"method": plan.method, "round_latency_s": plan.round_latency_s, "cost_source": plan.cost_source,
+                         "idle": plan.idle, "notes": plan.notes,
+                         "devices": {d.id: {"blocks": d.blocks, "layers": d.layers, "bandwidth_hz": d.bandwidth_hz,
+                                            "predicted_latency_s": d.predicted_latency_s, "board": d.board}
+                                     for d in plan.devices}}}
 
     def _evaluate(self, tensors: dict[str, np.ndarray]) -> dict:
         from edge_broker.coordinator.evaluation import BundleEvaluator, FullModelEvaluator

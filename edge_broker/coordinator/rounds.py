@@ -86,15 +86,39 @@ def aggregate_round(store: Store, rules: UpdateRules, strategy: Strategy,
         ups.append(ClientUpdate(u.device, checked.tensors, checked.samples, is_delta=checked.is_delta))
         if "final_train_loss" in checked.metrics:
             losses.append(float(checked.metrics["final_train_loss"]))
-    new = strategy.aggregate(global_tensors, ups)
-    rep = strategy.report
+    if all(set(u.tensors) == set(global_tensors) for u in ups):
+        new = strategy.aggregate(global_tensors, ups)
+        rep = strategy.report
+        weights, norms, clipped = rep.weights, rep.delta_norms, list(rep.clipped)
+    else:
+        new, clipped = aggregate_by_tensor(strategy, global_tensors, ups)
+        weights, norms = [], []
     summary = {
         "devices": [u.device for u in ups],
         "samples": int(sum(u.samples for u in ups)),
-        "weights": [round(float(w), 4) for w in rep.weights],
-        "delta_norms": [round(float(n), 5) for n in rep.delta_norms],
-        "clipped": list(rep.clipped),
+        "weights": [round(float(w), 4) for w in weights],
+        "delta_norms": [round(float(n), 5) for n in norms],
+        "clipped": clipped,
         "mean_final_train_loss": float(np.mean(losses)) if losses else None,
         "aggregation_s": round(time.perf_counter() - t0, 4),
     }
     return new, summary
+
+
+def aggregate_by_tensor(strategy: Strategy, global_tensors: Mapping[str, np.ndarray], ups: list[ClientUpdate]
+                        ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Aggregate where devices trained different blocks (LoLa DEFT): each tensor over the devices that
+    sent it; a tensor nobody trained keeps its global value."""
+    new = {k: np.asarray(v) for k, v in global_tensors.items()}
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name in global_tensors:
+        owners = tuple(u.device for u in ups if name in u.tensors)
+        if owners:
+            groups.setdefault(owners, []).append(name)
+    clipped: set[str] = set()
+    for owners, names in groups.items():
+        sub = [ClientUpdate(u.device, {n: u.tensors[n] for n in names}, u.samples, is_delta=u.is_delta)
+               for u in ups if u.device in owners]
+        new.update(strategy.aggregate({n: global_tensors[n] for n in names}, sub))
+        clipped.update(strategy.report.clipped)
+    return new, sorted(clipped)
