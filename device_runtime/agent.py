@@ -130,11 +130,16 @@ class DeviceAgent:
 
     def _heartbeats(self, state: dict) -> None:
         t, me = self.topics, self.cfg.device_id
+        connects = self._client.stats.connects if self._client is not None else 0
         while not self.stop_event.wait(self.cfg.heartbeat_s):
             c = self._client
             if c is None or not c.connected:
                 continue
             try:
+                if c.stats.connects != connects:  # reconnected: the broker holds our last will as our status
+                    c.publish(t.status(me), to_envelope(Status(state="online"), sender=me, fleet=self.cfg.fleet),
+                              retain=True, wait=False)
+                    connects = c.stats.connects
                 hb = Heartbeat(state=state.get("state", "idle"), round=state.get("round"))
                 c.publish(t.heartbeat(me), to_envelope(hb, sender=me, fleet=self.cfg.fleet), wait=False)
             except ProtocolError as exc:  # disconnected right now: the next beat tries again

@@ -33,6 +33,10 @@ from edge_broker.store import Store, tensors_from_bytes, tensors_to_bytes
 
 log = logging.getLogger("deft.edge")
 
+#: a device marked lost by its last will must also have been silent this long (heartbeats come every
+#: 2 s) before a round closes without it
+LOST_CONFIRM_S = 4.0
+
 
 class Coordinator:
     def __init__(self, cfg: CoordinatorConfig, *, on_event: Callable[[dict], None] | None = None) -> None:
@@ -58,6 +62,8 @@ class Coordinator:
         self._selected: list[str] = []
         self._task_env: dict[str, Envelope] = {}
         self.stop_requested = False
+        self._connects = 0
+        self._distrust_lost_until = 0.0
         #: called while waiting; a returned message aborts the run (the demo: "a device process died")
         self.watchdog: Callable[[], str | None] | None = None
         self._rules = None
@@ -115,6 +121,13 @@ class Coordinator:
             if kind == "update":
                 self.stats.rejected["malformed"] += 1
         self.registry.check_lost()
+        connects = self.client.stats.connects
+        if connects != self._connects:
+            if self._connects:  # a reconnect: the broker went away, and with it every device's link
+                self._distrust_lost_until = time.time() + self.cfg.lost_after_s
+                log.warning("reconnected to the broker; devices its last wills marked lost get %.0fs to come back "
+                            "before a round closes without them", self.cfg.lost_after_s)
+            self._connects = connects
         why = self.watchdog() if self.watchdog is not None else None
         if why:
             raise CoordinatorError(why)
@@ -174,6 +187,18 @@ class Coordinator:
         except ProtocolError:
             return self.bundles
         return self.servers.get(want, self.bundles)
+
+    def _written_off(self, device: str) -> bool:
+        """Whether a round may close without ``device``: it is lost, and that can be believed. A broker
+        that shuts down publishes every device's last will, live ones included; so a lost mark counts
+        only while this coordinator is connected, not within ``lost_after_s`` of a reconnect, and once
+        the device has been silent for a few seconds (a heartbeat would have come)."""
+        d = self.store.device(device)
+        if d is None or d.status != "lost":
+            return False
+        now = time.time()
+        return (self.client.connected and now >= self._distrust_lost_until
+                and now - d.last_seen >= min(LOST_CONFIRM_S, self.cfg.lost_after_s))
 
     def _known_devices(self) -> list[str]:
         return self.registry.registered()
@@ -305,7 +330,7 @@ class Coordinator:
             pending = [d for d in selected if d not in got]
             if not pending:
                 break
-            alive = [d for d in pending if self.registry.status(d) != "lost"]
+            alive = [d for d in pending if not self._written_off(d)]
             if not alive and len(got) >= self.cfg.min_updates:
                 log.warning("round %d: closing without lost device(s) %s", r, ", ".join(pending))
                 break

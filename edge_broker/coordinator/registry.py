@@ -55,7 +55,11 @@ class Registry:
                     log.info("heartbeat from %s before its hello; waiting for the hello", dev)
             elif info.kind == "status":
                 status = parse_body(msg.envelope, Status)
-                if status.state == "offline":
+                if status.state == "offline" and msg.retained:
+                    # replayed on (re)subscribe: history that may predate the device's reconnect; a
+                    # device that is really gone is marked lost by its silence
+                    log.info("retained 'offline' status of %s ignored (not news)", dev)
+                elif status.state == "offline":
                     self.store.set_device_status(dev, "lost")
                     log.warning("device %s went offline (last will)", dev)
                 elif self.store.device(dev) is not None:
