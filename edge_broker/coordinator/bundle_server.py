@@ -7,7 +7,15 @@ import logging
 
 from device_runtime.bundle.archive import pack_bundle
 from device_runtime.bundle.load import Bundle
-from device_runtime.protocol import BundleRequest, Envelope, ProtocolError, Topics, parse_body, payload_budget, split
+from device_runtime.protocol import (
+    BundleRequest,
+    Envelope,
+    ProtocolError,
+    Topics,
+    parse_body,
+    payload_budget,
+    split,
+)
 from device_runtime.protocol.client import DeftClient, Received
 
 log = logging.getLogger("deft.edge")
