@@ -61,7 +61,7 @@ def test_device_killed_mid_round_round_closes_with_the_rest(fleet, tmp_path):
 
 def test_frozen_device_round_closes_at_the_deadline(fleet, tmp_path):
     """A device that stops answering but keeps its connection (SIGSTOP) is waited for until the deadline."""
-    deadline = 8.0
+    deadline = 6.0
     data = {"dev1": write_shard(tmp_path / "a.tsv", 0, SMALL), "dev2": write_shard(tmp_path / "b.tsv", 100, BIG)}
     edge = fleet.coordinator(devices=["dev1", "dev2"], rounds=1, min_devices=2, deadline=deadline, epochs=EPOCHS)
     devs = {d: fleet.device(d, p, max_rounds=1) for d, p in data.items()}
@@ -167,8 +167,9 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     specs = {s.name: tuple(s.shape) for s in bundle.manifest.trainable}
     t = fleet.but.topics
     data = {"dev1": write_shard(tmp_path / "a.tsv", 0, 300), "dev2": write_shard(tmp_path / "b.tsv", 300, 300)}
-    # dev3 is in the fleet but played by this test; dev4 has a broker account and is not in the fleet
-    edge = fleet.coordinator(devices=["dev1", "dev2", "dev3"], rounds=1, min_devices=2, deadline=120, steps=1500,
+    # dev3 is in the fleet but played by this test; dev4 has a broker account and is not in the fleet;
+    # dev5 is in the fleet list but never says hello
+    edge = fleet.coordinator(devices=["dev1", "dev2", "dev3", "dev5"], rounds=1, min_devices=2, deadline=120, steps=600,
                              extra=["--max-update-bytes", "200000"])
     devs = {d: fleet.device(d, p, max_rounds=1) for d, p in data.items()}
     fleet.wait_until(lambda: fleet.training("dev1", 1) and fleet.training("dev2", 1), 60,
@@ -177,10 +178,11 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     from device_runtime.protocol import Hello, to_envelope
 
     clients, acks = {}, {}
-    for d in ("dev3", "dev4"):
+    for d in ("dev3", "dev4", "dev5"):
         c = clients[d] = mqtt_client(fleet.but, d)
         acks[d] = c.subscribe(t.ack_to(d))
-        c.publish(t.hello(d), to_envelope(Hello(kit_version="0.1.0"), sender=d, fleet=fleet.but.fleet))
+        if d != "dev5":
+            c.publish(t.hello(d), to_envelope(Hello(kit_version="0.1.0"), sender=d, fleet=fleet.but.fleet))
 
     def send(dev: str, body: bytes, key: str | None = None) -> Envelope:
         env = Envelope.build("update", sender=dev, fleet=fleet.but.fleet, round=1, body=body, content="safetensors",
@@ -192,7 +194,7 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
-                a = parse_body(acks[dev].get(timeout=0.2), Ack)
+                a = parse_body(acks[dev].get(timeout=0.2).envelope, Ack)
             except queue.Empty:
                 continue
             if a.ack == env.header.key:
@@ -254,6 +256,9 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     # unknown device: has a broker account, is not in the coordinator's device list
     a = ack_for("dev4", send("dev4", _payload(bundle.hash, "dev4", 1, small)))
     assert not a.accepted and a.reason.startswith("unknown_device:") and "dev4" in a.reason
+    # ... and one on the list that never said hello
+    a = ack_for("dev5", send("dev5", _payload(bundle.hash, "dev5", 1, small)))
+    assert not a.accepted and a.reason.startswith("unknown_device:") and "dev5" in a.reason
 
     # the honest devices were still training through all of this: the round completes with them
     assert fleet.round_status(1) == "open"
@@ -265,8 +270,8 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     assert sorted(r1["devices"]) == ["dev1", "dev2", "dev3"] and r1["missing"] == []
     assert fleet.counted(1) == {"dev1": 1, "dev2": 1, "dev3": 1}
     refused = sorted(why for _, _, _, _, why in store_updates(fleet.db_path, 1, accepted=False))
-    assert refused == ["malformed", "non_finite", "too_large", "unknown_device", "wrong_shape"]
-    assert r1["rejected"] == {"malformed": 2, "non_finite": 1, "too_large": 1, "unknown_device": 1,
+    assert refused == ["malformed", "non_finite", "too_large", "unknown_device", "unknown_device", "wrong_shape"]
+    assert r1["rejected"] == {"malformed": 2, "non_finite": 1, "too_large": 1, "unknown_device": 2,
                               "wrong_shape": 1, "device_mismatch": 1}
     assert r1["duplicates"] == 1
     log = edge.log()
