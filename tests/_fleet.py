@@ -21,17 +21,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from tests._broker import FLEET, BrokerUnderTest
 from tests._models import REPO, SST2_TRAIN
 
-__all__ = ["Fleet", "Proc", "fleet", "store_globals", "store_updates", "fedavg_from_store", "write_shard"]
+__all__ = ["Fleet", "Proc", "fedavg_from_store", "running_fleet", "store_globals", "store_updates", "write_shard"]
 
 #: the subprocess environment: offline, one thread each (the suite runs on 2 cores next to other work)
 _ENV = {
@@ -271,12 +271,13 @@ def fedavg_from_store(db: Path, r: int) -> tuple[dict[str, np.ndarray], list[str
     return out, [d for _, d, _, _, _ in ups]
 
 
-@pytest.fixture
-def fleet(fresh_mosquitto, tiny_bert_bundle, tmp_path) -> Iterator[Fleet]:
-    """A private Mosquitto (restartable) and a place for a coordinator and devices; all killed at teardown."""
-    but = fresh_mosquitto()
+@contextmanager
+def running_fleet(but: BrokerUnderTest, bundle: Path, root: Path) -> Iterator[Fleet]:
+    """A place for a coordinator and devices on ``but``; every process started in it is killed on exit.
+
+    Test modules wrap it in a ``fleet`` fixture over ``fresh_mosquitto`` (a private, restartable broker)."""
     assert but.fleet == FLEET
-    f = Fleet(but, tiny_bert_bundle, tmp_path / "fleet")
+    f = Fleet(but, bundle, root)
     try:
         yield f
     finally:

@@ -7,11 +7,13 @@ Every number the report claims is recomputed here from the coordinator's store.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
 from device_runtime.bundle.load import load_bundle
-from tests._fleet import fedavg_from_store, fleet, store_globals, store_updates, write_shard  # noqa: F401
+from tests._fleet import Fleet, fedavg_from_store, running_fleet, store_globals, store_updates, write_shard
 from tests._models import SST2_VALIDATION
 
 pytestmark = pytest.mark.mosquitto
@@ -19,6 +21,13 @@ pytestmark = pytest.mark.mosquitto
 DEVICES = ["dev1", "dev2", "dev3"]
 #: unequal shards, so a sample-weighted mean differs from a plain one
 SHARDS = {"dev1": (0, 96), "dev2": (96, 240), "dev3": (336, 48)}
+
+
+@pytest.fixture
+def fleet(fresh_mosquitto, tiny_bert_bundle, tmp_path) -> Iterator[Fleet]:
+    """Coordinator and device processes on a private Mosquitto; all killed at teardown."""
+    with running_fleet(fresh_mosquitto(), tiny_bert_bundle, tmp_path / "fleet") as f:
+        yield f
 
 
 def test_two_rounds_three_devices_fedavg_plugin_and_report(fleet, tmp_path):
