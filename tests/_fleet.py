@@ -155,13 +155,13 @@ class Fleet:
         return self._start("edge", args + list(extra or []), self.but.passwords["edge"])
 
     def device(self, dev: str, data: Path, *, max_rounds: int | None = None, idle_exit: float = 60.0,
-               extra: list[str] | None = None) -> Proc:
+               password: str | None = None, extra: list[str] | None = None) -> Proc:
         """``deft device run`` for account ``dev``; no bundle given, so it downloads it over MQTT."""
         args = ["device", "run", "--broker", self.url, "--id", dev, "--data", str(data), "--fleet", self.but.fleet,
                 "--workdir", str(self.device_dir(dev)), "--threads", "1", "--idle-exit", str(idle_exit), "--json"]
         if max_rounds is not None:
             args += ["--max-rounds", str(max_rounds)]
-        return self._start(dev, args + list(extra or []), self.but.passwords[dev])
+        return self._start(dev, args + list(extra or []), password or self.but.passwords[dev])
 
     # ---- observation ----------------------------------------------------------------------------
     def logs(self) -> str:

@@ -168,7 +168,7 @@ def _forged_payload(bundle_hash: str, dev: str, r: int, tensors: dict[str, np.nd
 
 def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp_path, mqtt_client):
     from device_runtime.bundle.load import load_bundle
-    from device_runtime.protocol import Ack, Envelope, PayloadTooLarge, parse_body
+    from device_runtime.protocol import Ack, Envelope, PayloadTooLarge, PublishRefused, parse_body
     from tests._broker import TEST_MAX_PACKET
 
     bundle = load_bundle(fleet.bundle)
@@ -258,6 +258,12 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     with pytest.raises(PayloadTooLarge, match=f"max packet size {TEST_MAX_PACKET}"):
         clients["dev3"].publish(t.update("dev3", 1), b"\0" * (TEST_MAX_PACKET + 1))
 
+    # impersonation: dev3 writing an update on dev1's topic is refused by the broker's ACL
+    forged = Envelope.build("update", sender="dev3", fleet=fleet.but.fleet, round=1, content="safetensors",
+                            body=_payload(bundle.hash, "dev1", 1, small))
+    with pytest.raises(PublishRefused, match="ACL"):
+        clients["dev3"].publish(t.update("dev1", 1), forged)
+
     # a second, different update from dev3 in the same round: one vote per device
     other = {n: np.full(s, 2e-3, np.float32) for n, s in specs.items()}
     a = ack_for("dev3", send("dev3", _payload(bundle.hash, "dev3", 1, other)))
@@ -289,6 +295,17 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     assert "refused a update from dev3" in log and "fails its sha256 check" in log
     assert "ignoring hello from unknown device 'dev4'" in log
     _check_fedavg(fleet, 1)
-    # dev3's one counted update is the first one it sent, not the later different one
-    (row,) = [u for u in store_updates(fleet.db_path, 1) if u[1] == "dev3"]
-    assert row[0] == good.header.key
+    # dev3's one counted update is the first one it sent, not the later different one; dev1's is its own
+    keys = {u[1]: u[0] for u in store_updates(fleet.db_path, 1)}
+    assert keys["dev3"] == good.header.key
+    sent = Envelope.decode((fleet.device_dir("dev1") / "sent" / "round-1.deft").read_bytes())
+    assert keys["dev1"] == sent.header.key
+
+
+def test_device_with_a_wrong_password_exits_with_a_one_line_error(fleet, tmp_path):
+    dev = fleet.device("dev1", write_shard(tmp_path / "a.tsv", 0, SMALL), password="not-the-password")
+    assert dev.wait(30) == 2, dev.tail()
+    err = dev.log()
+    assert "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "refused user 'dev1'" in line and "password" in line
