@@ -132,10 +132,13 @@ def test_broker_restarted_mid_round_devices_reconnect(fleet, tmp_path):
     devs = {d: fleet.device(d, p, max_rounds=1) for d, p in data.items()}
     fleet.wait_until(lambda: fleet.counted(1) == {"dev1": 1} and fleet.training("dev2", 1), 60,
                      "dev1's update counted while dev2 trains", watch=[edge, *devs.values()])
+    old_pid = fleet.but.broker.pid
     fleet.but.broker.restart()  # SIGTERM (Mosquitto saves its sessions) and start again on the same port
+    assert fleet.but.broker.pid != old_pid
     assert edge.wait(90) == 0, fleet.logs()
     for p in devs.values():
         assert p.wait(60) == 0, p.tail()
+    assert "reconnected to the broker" in edge.log()
     r1 = fleet.report()["rounds"][0]
     assert sorted(r1["devices"]) == ["dev1", "dev2"] and r1["missing"] == [] and not r1["deadline_hit"], fleet.logs()
     assert fleet.counted(1) == {"dev1": 1, "dev2": 1}
