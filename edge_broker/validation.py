@@ -21,6 +21,7 @@ class RejectReason(str, Enum):
     TOO_LARGE = "too_large"
     MALFORMED = "malformed"  # not decodable: truncated, tampered (content hash), not a payload
     UNKNOWN_DEVICE = "unknown_device"
+    NOT_SELECTED = "not_selected"  # a registered device that was not given this round's task
     DEVICE_MISMATCH = "device_mismatch"  # payload says another device than the topic / login it came from
     WRONG_ROUND = "wrong_round"
     WRONG_BUNDLE = "wrong_bundle"
@@ -74,6 +75,8 @@ class UpdateRules:
     device_specs: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     #: per-device bundle hash where devices train different variants of the bundle (LoLa DEFT blocks)
     device_bundles: Mapping[str, str] = field(default_factory=dict)
+    #: the devices given this round's task (None: any registered device may contribute)
+    selected: Collection[str] | None = None
     allow_subset: bool = False
     max_bytes: int = 64 * 1024 * 1024
     max_samples: int = 10**9
@@ -97,6 +100,8 @@ def validate_update(
         return Rejection(RejectReason.TOO_LARGE, f"{payload_bytes} bytes, limit {rules.max_bytes}")
     if device not in rules.devices:
         return Rejection(RejectReason.UNKNOWN_DEVICE, f"device {device!r} is not registered in this fleet")
+    if rules.selected is not None and device not in rules.selected and round == rules.round:
+        return Rejection(RejectReason.NOT_SELECTED, f"device {device!r} was not selected for round {rules.round}")
     if round != rules.round:
         return Rejection(RejectReason.WRONG_ROUND, f"update is for round {round}, the current round is {rules.round}")
     want = rules.device_bundles.get(device, rules.bundle_hash)

@@ -179,23 +179,22 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     t = fleet.but.topics
     data = {"dev1": write_shard(tmp_path / "a.tsv", 0, 300), "dev2": write_shard(tmp_path / "b.tsv", 300, 300)}
     # dev3 is in the fleet but played by this test; dev4 has a broker account and is not in the fleet;
-    # dev5 is in the fleet list but never says hello
-    edge = fleet.coordinator(devices=["dev1", "dev2", "dev3", "dev5"], rounds=1, min_devices=2, deadline=120, steps=200,
-                             extra=["--max-update-bytes", "200000"])
-    devs = {d: fleet.device(d, p, max_rounds=1) for d, p in data.items()}
-    fleet.wait_until(lambda: fleet.training("dev2", 1), 60, "dev2 training", watch=[edge, *devs.values()])
-    # hold the round open while the bad updates go in, however loaded the machine is: freeze dev2
-    # (its connection stays up; the keepalive would notice only after 15 s) and thaw it afterwards
-    devs["dev2"].signal(signal.SIGSTOP)
-
+    # dev5 is in the fleet list but says hello only after the round was opened without it
     from device_runtime.protocol import Hello, to_envelope
 
     clients, acks = {}, {}
     for d in ("dev3", "dev4", "dev5"):
         c = clients[d] = mqtt_client(fleet.but, d)
         acks[d] = c.subscribe(t.ack_to(d))
-        if d != "dev5":
-            c.publish(t.hello(d), to_envelope(Hello(kit_version="0.1.0"), sender=d, fleet=fleet.but.fleet))
+        if d != "dev5":  # retained, like the agent's: the coordinator sees it whenever it starts
+            c.publish(t.hello(d), to_envelope(Hello(kit_version="0.1.0"), sender=d, fleet=fleet.but.fleet), retain=True)
+    edge = fleet.coordinator(devices=["dev1", "dev2", "dev3", "dev5"], rounds=1, min_devices=3, deadline=120, steps=200,
+                             extra=["--max-update-bytes", "200000"])
+    devs = {d: fleet.device(d, p, max_rounds=1) for d, p in data.items()}
+    fleet.wait_until(lambda: fleet.training("dev2", 1), 60, "dev2 training", watch=[edge, *devs.values()])
+    # hold the round open while the bad updates go in, however loaded the machine is: freeze dev2
+    # (its connection stays up; the keepalive would notice only after 15 s) and thaw it afterwards
+    devs["dev2"].signal(signal.SIGSTOP)
 
     def send(dev: str, body: bytes, key: str | None = None) -> Envelope:
         env = Envelope.build("update", sender=dev, fleet=fleet.but.fleet, round=1, body=body, content="safetensors",
@@ -278,6 +277,12 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     # ... and one on the list that never said hello
     a = ack_for("dev5", send("dev5", _payload(bundle.hash, "dev5", 1, small)))
     assert not a.accepted and a.reason.startswith("unknown_device:") and "dev5" in a.reason
+    # ... which says hello now, after the round was opened without it: registered, but not selected
+    clients["dev5"].publish(t.hello("dev5"), to_envelope(Hello(kit_version="0.1.0"), sender="dev5",
+                                                         fleet=fleet.but.fleet))
+    fleet.wait_until(lambda: fleet.query("SELECT 1 FROM devices WHERE id='dev5'"), 15, "dev5's hello registered")
+    a = ack_for("dev5", send("dev5", _payload(bundle.hash, "dev5", 1, small)))
+    assert not a.accepted and a.reason.startswith("not_selected:") and "round 1" in a.reason
 
     # the round was open through all of this, and completes with the honest devices
     assert fleet.round_status(1) == "open"
@@ -290,9 +295,11 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     assert sorted(r1["devices"]) == ["dev1", "dev2", "dev3"] and r1["missing"] == []
     assert fleet.counted(1) == {"dev1": 1, "dev2": 1, "dev3": 1}
     refused = sorted(why for _, _, _, _, why in store_updates(fleet.db_path, 1, accepted=False))
-    assert refused == ["malformed", "non_finite", "too_large", "unknown_device", "unknown_device", "wrong_shape"]
+    assert refused == ["malformed", "non_finite", "not_selected", "too_large", "unknown_device", "unknown_device",
+                       "wrong_shape"]
     assert r1["rejected"] == {"malformed": 2, "non_finite": 1, "too_large": 1, "unknown_device": 2,
-                              "wrong_shape": 1, "device_mismatch": 1}
+                              "wrong_shape": 1, "device_mismatch": 1, "not_selected": 1}
+    assert sorted(r1["selected"]) == ["dev1", "dev2", "dev3"]
     assert r1["duplicates"] == 1
     log = edge.log()
     assert "refused a update from dev3" in log and "fails its sha256 check" in log

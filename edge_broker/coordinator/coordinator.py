@@ -205,6 +205,8 @@ class Coordinator:
 
     def _make_rules(self, round_: int, known: list[str]):
         rules = make_rules(self.manifest, self.bundle.hash, round_, known, self.cfg.max_update_bytes)
+        if round_ == self._round:
+            rules.selected = set(self._selected)
         if round_ == self._round and self._variants:  # LoLa DEFT: each device trains its own block bundle
             rules.device_bundles = {d: b.hash for d, b in self._variants.items()}
             rules.device_specs = {d: b.manifest.trainable for d, b in self._variants.items()}
