@@ -68,6 +68,8 @@ class AgentConfig(BaseModel):
     bundle_stall_s: float = Field(20.0, gt=0)
     global_wait_s: float = Field(120.0, gt=0)
     connect_timeout_s: float = Field(300.0, gt=0)
+    #: the broker's packet limit when it cannot announce it (MQTT 3.1.1 brokers such as the embedded one)
+    max_packet_size: int | None = Field(None, gt=1024)
     #: exit after this many rounds were acknowledged (None: serve until stopped)
     max_rounds: int | None = None
     #: exit when no task arrived for this long (None: never)
@@ -100,7 +102,8 @@ class DeviceAgent:
         will = (t.status(me), to_envelope(Status(state="offline"), sender=me, fleet=self.cfg.fleet))
         client = DeftClient.from_url(self.cfg.broker, client_id=f"deft-device-{me}", username=me,
                                      password=self.cfg.password, will=will, keepalive=10,
-                                     spool_dir=str(self.workdir / "spool"), reconnect_max_s=5.0)
+                                     spool_dir=str(self.workdir / "spool"), reconnect_max_s=5.0,
+                                     max_packet_size=self.cfg.max_packet_size)
         deadline = time.monotonic() + self.cfg.connect_timeout_s
         delay = 0.5
         while True:

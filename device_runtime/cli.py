@@ -305,6 +305,8 @@ def run_command(
     backend: str = typer.Option("ort", "--backend", help="ort (default) or torch."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for training."),
     max_rounds: int | None = typer.Option(None, "--max-rounds", help="Exit after this many rounds."),
+    max_packet_size: int | None = typer.Option(None, "--max-packet-size",
+                                               help="The broker's packet limit if it cannot announce it (MQTT 3.1.1)."),
     idle_exit: float | None = typer.Option(None, "--idle-exit", help="Exit after this many seconds without a task."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary line when it exits."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
@@ -330,7 +332,8 @@ def run_command(
         cfg = AgentConfig(broker=broker, device_id=device_id, password=password or os.environ.get("DEFT_PASSWORD"),
                           fleet=fleet, data=data, workdir=workdir or Path(f"deft-device-{device_id}"),
                           text_column=text_column, label_column=label_column, profile=profile, backend=backend,
-                          threads=threads, max_rounds=max_rounds, idle_exit_s=idle_exit)
+                          threads=threads, max_rounds=max_rounds, idle_exit_s=idle_exit,
+                          max_packet_size=max_packet_size)
         agent = DeviceAgent(cfg)
         if bundle is not None:
             agent.cache.add_dir(bundle)

@@ -147,3 +147,16 @@ def test_ctrl_c_stops_every_process_the_demo_started(demo_dir):
     alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not alive, alive
     assert not _leftovers(demo_dir)
+
+
+def test_demo_runs_on_the_embedded_broker_when_mosquitto_is_absent(tmp_path):
+    """The zero-install path: amqtt speaks MQTT 3.1.1 and cannot announce its packet limit, so the demo
+    passes it to every client; the bundle still travels over MQTT in chunks."""
+    proc = _demo(tmp_path / "demo", "--broker", "embedded", "--rows", "64", "--rounds", "1", "--devices", "2")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["broker"] == "embedded" and len(summary["accuracy"]) == 1
+    assert summary["bundle_bytes"] > 2 * 100e6  # two devices downloaded the ~184 MB bundle over MQTT
+    assert "MQTT 3.1.1 only" in err or "embedded" in err
+    assert not _leftovers(tmp_path / "demo")

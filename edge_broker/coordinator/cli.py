@@ -58,6 +58,7 @@ def serve_command(
                                    "(each device trains a bundle variant with only its blocks trainable)."),
     cost_table: Path = typer.Option(None, help="Per-block cost table from `deft hw profile` (default: an estimate)."),
     total_bandwidth: float = typer.Option(20e6, help="Uplink bandwidth the fleet shares, Hz (joint allocation)."),
+    max_packet_size: int = typer.Option(None, help="The broker's packet limit if it cannot announce it (MQTT 3.1.1)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON line at the end."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
 ) -> None:
@@ -67,6 +68,7 @@ def serve_command(
     from edge_broker.aggregation import AggregationError
     from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
     from edge_broker.coordinator.coordinator import Coordinator
+    from device_runtime.protocol.errors import ProtocolError
     from edge_broker.store import StoreError
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
@@ -90,7 +92,7 @@ def serve_command(
             strategy_params=params, clip_norm=clip_norm, hyperparams=hp, encoding=encoding,
             max_update_bytes=max_update_bytes, eval_data=eval_data,
             model=model, eval_bundle=eval_bundle, allocation=allocation, cost_table=cost_table,
-            total_bandwidth=total_bandwidth)
+            total_bandwidth=total_bandwidth, max_packet_size=max_packet_size)
         coord = Coordinator(cfg)
     except ValidationError as exc:
         e = exc.errors()[0]
@@ -106,7 +108,7 @@ def serve_command(
     signal.signal(signal.SIGTERM, _stop)
     try:
         report = coord.run()
-    except (CoordinatorError, AggregationError, StoreError) as exc:
+    except (CoordinatorError, AggregationError, StoreError, ProtocolError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

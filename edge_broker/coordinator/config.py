@@ -48,6 +48,8 @@ class CoordinatorConfig(BaseModel):
     eval_bundle: bool = False
     eval_initial: bool = True
     report_dir: Path | None = None
+    #: the broker's packet limit when it cannot announce it (MQTT 3.1.1 brokers such as the embedded one)
+    max_packet_size: int | None = Field(None, gt=1024)
     #: LoLa DEFT: match devices to blocks each round (crunch or joint); None: every device trains everything
     allocation: Literal["crunch", "joint", "greedy", "random", "equal"] | None = None
     #: per-block costs measured by `deft hw profile` (None: an analytic estimate)

@@ -85,7 +85,8 @@ class Coordinator:
 
         self.client = DeftClient.from_url(self.cfg.broker, client_id=f"deft-edge-{self.cfg.fleet}",
                                           username=self.cfg.username, password=self.cfg.password,
-                                          persistent_session=True, reconnect_max_s=5.0)
+                                          persistent_session=True, reconnect_max_s=5.0,
+                                          max_packet_size=self.cfg.max_packet_size)
         try:
             self.client.connect(timeout=30)
         except ProtocolError as exc:

@@ -104,7 +104,9 @@ class DeviceProcesses:
         log = open(log_path, "w")
         env = {**os.environ, "DEFT_PASSWORD": password, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
+        mps = opts.extra.get("max_packet_size")
         cmd = [sys.executable, "-m", "deftkit.cli", "device", "run", "--broker", url, "--id", device,
+               *(["--max-packet-size", str(mps)] if mps else []),
                "--data", str(data), "--fleet", FLEET, "--workdir", str(workdir),
                "--threads", str(opts.device_threads), "--max-rounds", str(opts.rounds), "--board", "laptop-x86"]
         self.procs.append((device, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env), log))
@@ -156,7 +158,9 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
             deadline_s=opts.deadline_s, strategy=opts.strategy, encoding=opts.encoding,  # type: ignore[arg-type]
             hyperparams={"epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed},
             eval_data=opts.eval_data, model=opts.model, eval_bundle=opts.emulator,
-            report_dir=opts.workdir / "report")
+            report_dir=opts.workdir / "report",
+            max_packet_size=broker.client_options().get("max_packet_size"))
+        opts.extra["max_packet_size"] = cfg.max_packet_size
         coord = Coordinator(cfg, on_event=on_event)
         coord.connect()
 
