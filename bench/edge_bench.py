@@ -74,8 +74,12 @@ MINILM_PARAMS_FALLBACK = 22_713_216
 TARGET_RATIO = 1.2
 #: a device reads at most this many messages while waiting for its task or its ack
 MAX_INBOX_MESSAGES = 10_000
+#: batch size for the edge-step timing of ``Store.add_updates`` (one transaction for the batch)
+STORE_BATCH = 32
 #: modes whose devices send kit envelopes to the coordinator and wait for its ack
-KIT_MODES = ("kit",)
+#: (kit: the coordinator as shipped, queued updates share one SQLite commit; kit-unbatched: the same
+#: coordinator with batches of one, i.e. one commit per update, as before batching)
+KIT_MODES = ("kit", "kit-unbatched")
 
 
 # ------------------------------------------------------------------------------------ model shapes
@@ -346,6 +350,7 @@ class Fleet:
         self.edge: DeftClient | None = None
         self.raw: RawReceiver | None = None
         self.coordinator: Any = None
+        self.batches: list[int] = []
         try:
             ctx = mp.get_context("spawn")
             opts = self.broker.client_options()
@@ -385,6 +390,14 @@ class Fleet:
             coord.connect()
             coord.wait_for_devices()
             coord._initial_global()  # what Coordinator.run() does before its first round
+            # observe (not change) how many updates each ingest commit takes
+            ingest_batch = coord._on_updates
+
+            def counted(msgs: list[Any]) -> None:
+                self.batches.append(len(msgs))
+                ingest_batch(msgs)
+
+            coord._on_updates = counted
         except BaseException:
             coord.close()
             raise
@@ -420,14 +433,23 @@ class Fleet:
             wall0 = time.time()
             # devices on a shared link time their turn from this (one monotonic clock on one machine)
             coord.cfg.hyperparams = {"bench_t0": t0}
-            res = coord.run_round(round_)
+            import edge_broker.coordinator.coordinator as coord_module
+
+            batch_max = coord_module.MAX_UPDATE_BATCH
+            coord_module.MAX_UPDATE_BATCH = 1 if mode == "kit-unbatched" else batch_max
+            self.batches.clear()
+            try:
+                res = coord.run_round(round_)
+            finally:
+                coord_module.MAX_UPDATE_BATCH = batch_max
             t_end = time.monotonic()
             stored = coord.store.updates(round_, with_payload=False)
             out.update(received=len(stored) + len(coord.store.updates(round_, accepted=False, with_payload=False)),
                        stored=len(stored), accepted=res["accepted"], rejected=dict(res["rejected"]),
                        duplicates=res["duplicates"],
                        last_stored_s=max((u.received for u in stored), default=wall0) - wall0,
-                       aggregation_s=res["aggregation_s"], coordinator_round_s=t_end - t0)
+                       aggregation_s=res["aggregation_s"], coordinator_round_s=t_end - t0,
+                       commits=len(self.batches), max_batch=max(self.batches, default=0))
         else:
             self.raw.arm(n)
             t0 = time.monotonic()
@@ -529,7 +551,7 @@ def edge_step_costs(encoding: str, workdir: Path, reps: int, specs: list[Any], b
 
     from device_runtime.payload import decode_update, encode_update
     from device_runtime.protocol import Envelope, make_ack, sha256_hex
-    from edge_broker.store import Store
+    from edge_broker.store import NewUpdate, Store
     from edge_broker.validation import UpdateRules, validate_payload
 
     base = {s.name: np.zeros(s.shape, np.float32) for s in specs}
@@ -546,12 +568,17 @@ def edge_step_costs(encoding: str, workdir: Path, reps: int, specs: list[Any], b
         i = next(counter)
         store.add_update(f"k{i}", round=1, device=f"d{i}", samples=SAMPLES, payload=blob)
 
+    def add_batch() -> None:  # what the coordinator does with updates that queued up together
+        ids = [next(counter) for _ in range(STORE_BATCH)]
+        store.add_updates([NewUpdate(f"k{i}", 1, f"d{i}", SAMPLES, blob) for i in ids])
+
     out = {
         "sha256_body_s": _median_time(lambda: sha256_hex(blob), reps),
         "envelope_decode_s": _median_time(lambda: Envelope.decode(wire), reps),
         "payload_decode_s": _median_time(lambda: decode_update(blob), reps),
         "validate_payload_s": _median_time(lambda: validate_payload(rules, blob, sender="dev000", round=1), reps),
         "store_add_update_s": _median_time(add, reps),
+        f"store_add_updates_batch{STORE_BATCH}_per_update_s": _median_time(add_batch, reps) / STORE_BATCH,
         "make_ack_encode_s": _median_time(lambda: make_ack(env, sender="edge", accepted=True).encode(), reps),
     }
     store.close()
@@ -616,6 +643,7 @@ def summarise(rounds: list[dict[str, Any]], encodings: list[str]) -> dict[str, A
                     f"{p}_coordinator_round_s": statistics.median(r["coordinator_round_s"] for r in kit),
                     f"{p}_coordinator_ratio": statistics.median(r["coordinator_round_s"] for r in kit) / raw_s,
                     f"{p}_aggregation_s": statistics.median(r["aggregation_s"] for r in kit),
+                    f"{p}_commits": statistics.median(r["commits"] for r in kit),
                 })
             kit = [r for r in sel if r["mode"] == "kit"]
             e["bytes_up_per_round"] = (kit or raw)[0]["bytes_up"]
@@ -639,18 +667,22 @@ def print_report(res: dict[str, Any]) -> None:
         how = ("all devices send at once over loopback (the edge's CPU is the limit)" if scen == "burst" else
                f"devices take turns on a shared {scen.split('_')[1]} uplink")
         t = Table(title=f"One round, {s['devices']} devices through Mosquitto, {how} ({s['reps']} reps, medians)")
-        for col in ("payload", "update B", "raw s", "kit s", "kit/raw", "paired", "last stored s",
-                    "run_round s", "run_round/raw", "aggregation s"):
+        for col in ("payload", "update B", "raw s", "kit s", "kit/raw", "paired", "commits", "unbatched s",
+                    "unbatched/raw", "last stored s", "run_round s", "run_round/raw", "aggregation s"):
             t.add_column(col, justify="right")
         for enc, r in by_enc.items():
             flag = "green" if r["kit_ratio"] <= TARGET_RATIO else "red"
             t.add_row(enc, f"{r['bytes_up_per_round'] // s['devices']:,}", f"{r['raw_round_s']:.3f}",
                       f"{r['kit_round_s']:.3f}", f"[{flag}]{r['kit_ratio']:.2f}x[/{flag}]",
-                      f"{r['kit_ratio_paired_median']:.2f}x", f"{r['kit_edge_stored_last_s']:.3f}",
+                      f"{r['kit_ratio_paired_median']:.2f}x", f"{r['kit_commits']:.0f}",
+                      f"{r['kit_unbatched_round_s']:.3f}" if "kit_unbatched_round_s" in r else "-",
+                      f"{r['kit_unbatched_ratio']:.2f}x" if "kit_unbatched_ratio" in r else "-",
+                      f"{r['kit_edge_stored_last_s']:.3f}",
                       f"{r['kit_coordinator_round_s']:.3f}", f"{r['kit_coordinator_ratio']:.2f}x",
                       f"{r['kit_aggregation_s']:.3f}")
         con.print(t)
-        con.print("  kit s: run_round called -> the last device holds the ack of its stored update; run_round s: the "
+        con.print("  kit s: run_round called -> the last device holds the ack of its stored update (commits: SQLite "
+                  "transactions that stored the round's updates; unbatched: one per update); run_round s: the "
                   "coordinator's whole round (+ aggregation, new global published, committed)")
         for enc, r in by_enc.items():
             if "kit_edge_ingest_mbps" in r:
@@ -704,20 +736,21 @@ def plot(res: dict[str, Any], path: Path) -> None:
         top = 0.0
         for i, enc in enumerate(encs):
             r = res["round"][scen][enc]
-            for j, (mode, color) in enumerate((("raw", "tab:gray"), ("kit", "tab:blue"))):
+            for j, (mode, color) in enumerate((("raw", "tab:gray"), ("kit", "tab:blue"),
+                                               ("kit_unbatched", "tab:purple"))):
                 if f"{mode}_round_s" not in r:
                     continue
-                x = i * 3 + j
+                x = i * 4 + j
                 ax.bar(x, r[f"{mode}_round_s"], color=color, label=mode.replace("_", "-") if i == 0 else None)
                 ax.scatter([x] * len(r[f"{mode}_round_s_runs"]), r[f"{mode}_round_s_runs"], color="k", s=8, zorder=3)
                 top = max(top, *r[f"{mode}_round_s_runs"])
-            ax.text(i * 3 + 0.5, max(r["kit_round_s"], r["raw_round_s"]) * 1.05, f"{r['kit_ratio']:.2f}x", ha="center")
+            ax.text(i * 4 + 1, max(r["kit_round_s"], r["raw_round_s"]) * 1.05, f"{r['kit_ratio']:.2f}x", ha="center")
         ax.set_ylim(0, top * 1.45)
-        ax.set_xticks([i * 3 + 0.5 for i in range(len(encs))], encs)
+        ax.set_xticks([i * 4 + 1 for i in range(len(encs))], encs)
         ax.set_ylabel("round wall time (s)")
         how = "burst over loopback" if scen == "burst" else f"shared {scen.split('_')[1]} uplink"
         ax.set_title(f"{res['settings']['devices']} devices, one round: {how}\n(kit/raw above the bars)")
-        ax.legend(loc="upper center", ncol=2)
+        ax.legend(loc="upper center", ncol=3)
     axes = grid[1]
     ax = axes[0]
     a = res["aggregation"]
@@ -766,7 +799,7 @@ def run(devices: int, reps: int, workers: int, encodings: list[str], *, link_mbp
             rounds = []
             round_no = 0
             for mbps in link_mbps:
-                modes = ("kit", "raw")
+                modes = ("kit", "raw", "kit-unbatched")
                 for rep in range(reps):
                     for enc in encodings:
                         k = rep % len(modes)  # rotate the order so drift and warm-up hit every mode alike

@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +89,21 @@ def tensors_from_bytes(blob: bytes) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
     return load(bytes(blob))
+
+
+@dataclass(frozen=True)
+class NewUpdate:
+    """One received update to store (the arguments of :meth:`Store.add_update`, for a batch)."""
+
+    key: str
+    round: int
+    device: str
+    samples: int
+    payload: bytes | None
+    accepted: bool = True
+    reason: str | None = None
+    meta: Mapping[str, Any] | None = None
+    now: float | None = None
 
 
 @dataclass(frozen=True)
@@ -281,20 +296,32 @@ class Store:
         """Store a received update once. A known key -> ``duplicate_key`` (redelivery or replay); a second
         accepted update from the same device in the round -> ``device_already_counted``. Rejected
         updates are stored too (without counting) so the report can say why."""
-        digest = hashlib.sha256(payload).hexdigest() if payload is not None else None
-        try:
-            with self._tx() as db:
-                if db.execute("SELECT 1 FROM updates WHERE key=?", (key,)).fetchone() is not None:
-                    return "duplicate_key"
-                db.execute(
-                    "INSERT INTO updates(key, round, device, received, samples, accepted, reason, meta, "
-                    "payload, payload_sha256) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (key, round, device, time.time() if now is None else now, int(samples), int(accepted), reason,
-                     json.dumps(dict(meta or {})), payload, digest),
-                )
-        except sqlite3.IntegrityError:
-            return "device_already_counted"
-        return "stored"
+        return self.add_updates([NewUpdate(key, round, device, samples, payload, accepted, reason, meta, now)])[0]
+
+    def add_updates(self, items: Sequence[NewUpdate]) -> list[AddResult]:
+        """:meth:`add_update` for several updates in ONE transaction (one commit and fsync instead of one per
+        update, which dominates storing when many arrive at once). Each item gets exactly the result
+        it would get alone, in order (a key repeated within the batch is a ``duplicate_key`` the second
+        time). All or nothing: if the commit fails, none is stored, so no ack may be sent for any."""
+        rows = [(u, hashlib.sha256(u.payload).hexdigest() if u.payload is not None else None) for u in items]
+        out: list[AddResult] = []
+        with self._tx() as db:
+            for u, digest in rows:
+                if db.execute("SELECT 1 FROM updates WHERE key=?", (u.key,)).fetchone() is not None:
+                    out.append("duplicate_key")
+                    continue
+                try:  # a failed INSERT undoes only itself (SQLite's statement-level ABORT): the batch goes on
+                    db.execute(
+                        "INSERT INTO updates(key, round, device, received, samples, accepted, reason, meta, "
+                        "payload, payload_sha256) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (u.key, u.round, u.device, time.time() if u.now is None else u.now, int(u.samples),
+                         int(u.accepted), u.reason, json.dumps(dict(u.meta or {})), u.payload, digest),
+                    )
+                except sqlite3.IntegrityError:
+                    out.append("device_already_counted")
+                    continue
+                out.append("stored")
+        return out
 
     def has_update(self, round: int, device: str) -> bool:
         with self._lock:
@@ -302,8 +329,11 @@ class Store:
                                     (round, device)).fetchone() is not None
 
     def updates(self, round: int, *, accepted: bool | None = True, with_payload: bool = True) -> list[UpdateRecord]:
+        """A round's updates in arrival order. ``with_payload=False`` (a cheap "who has answered"): no
+        payload and no payload_sha256 either, since the digest column sits after the payload in each row
+        and reading it walks the payload's overflow pages (~0.05 ms per 300 KB update, per call)."""
         cols = "key, round, device, received, samples, accepted, reason, meta, " + (
-            "payload, payload_sha256" if with_payload else "NULL, payload_sha256")
+            "payload, payload_sha256" if with_payload else "NULL, NULL")
         q, args = f"SELECT {cols} FROM updates WHERE round=?", [round]
         if accepted is not None:
             q += " AND accepted=?"

@@ -39,7 +39,7 @@ def bench_result(mosquitto_binary: str, tmp_path_factory: pytest.TempPathFactory
 def test_every_round_completes_and_counts_each_update_once(bench_result: dict) -> None:
     rounds = bench_result["rounds"]
     assert {r["scenario"] for r in rounds} == {"burst", "link_400mbps"}
-    assert {r["mode"] for r in rounds} == {"kit", "raw"}
+    assert {r["mode"] for r in rounds} == {"kit", "kit-unbatched", "raw"}
     assert bench_result["settings"]["edge"] == "edge_broker.coordinator.Coordinator.run_round"
     for r in rounds:
         assert r["devices_ok"] == DEVICES and r["received"] == DEVICES, r
@@ -51,6 +51,10 @@ def test_every_round_completes_and_counts_each_update_once(bench_result: dict) -
             # an ack never precedes its update's commit; the coordinator's round includes aggregating
             assert 0 < r["last_stored_s"] <= r["wall_s"] and r["last_stored_s"] < r["coordinator_round_s"]
             assert r["aggregation_s"] > 0
+            # every update stored by some commit; unbatched: one commit per update
+            assert 1 <= r["commits"] <= DEVICES and r["max_batch"] >= 1
+            if r["mode"] == "kit-unbatched":
+                assert r["commits"] == DEVICES and r["max_batch"] == 1
 
 
 def test_aggregation_of_what_crossed_the_broker_is_the_true_mean(bench_result: dict) -> None:

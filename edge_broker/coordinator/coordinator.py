@@ -28,7 +28,7 @@ from edge_broker.coordinator.bundle_server import BundleServer
 from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
 from edge_broker.coordinator.registry import Registry
 from edge_broker.coordinator.report import write_report
-from edge_broker.coordinator.rounds import RoundStats, aggregate_round, ingest, make_rules
+from edge_broker.coordinator.rounds import RoundStats, aggregate_round, ingest_many, make_rules
 from edge_broker.store import Store, tensors_from_bytes, tensors_to_bytes
 
 log = logging.getLogger("deft.edge")
@@ -36,6 +36,8 @@ log = logging.getLogger("deft.edge")
 #: a device marked lost by its last will must also have been silent this long (heartbeats come every
 #: 2 s) before a round closes without it
 LOST_CONFIRM_S = 4.0
+#: at most this many queued updates share one SQLite commit (bounds an ack's wait behind its batch)
+MAX_UPDATE_BATCH = 64
 
 
 class Coordinator:
@@ -100,17 +102,33 @@ class Coordinator:
         self.stats.bytes_down += env.encoded_size * max(1, fanout)
 
     def pump(self, timeout: float) -> None:
-        """Handle every message that arrives within ``timeout`` (at least one wait), then check liveness."""
+        """Handle every message that arrives within ``timeout`` (at least one wait), then check liveness.
+
+        Updates already queued together are ingested as one batch (one SQLite commit, then their acks);
+        any other message first flushes the batch, so messages still take effect in arrival order."""
         try:
             msg = self.inbox.get(timeout=timeout)
         except queue.Empty:
             msg = None
+        updates: list = []
         while msg is not None:
-            self._dispatch(msg)
+            if msg.info is not None and msg.info.direction == "device" and msg.info.kind == "update":
+                self.stats.bytes_up += msg.envelope.header.length
+                updates.append(msg)
+                if len(updates) >= MAX_UPDATE_BATCH:
+                    self._on_updates(updates)
+                    updates = []
+            else:
+                if updates:
+                    self._on_updates(updates)
+                    updates = []
+                self._dispatch(msg)
             try:
                 msg = self.inbox.get_nowait()
             except queue.Empty:
                 msg = None
+        if updates:
+            self._on_updates(updates)
         while True:
             try:
                 bad = self.client.errors.get_nowait()
@@ -155,29 +173,33 @@ class Coordinator:
             else:
                 log.warning("bundle request from unregistered device %s ignored (send a hello first)", dev)
         elif kind == "update":
-            self._on_update(msg)
+            self._on_updates([msg])
 
     def _on_update(self, msg) -> None:
-        dev = msg.info.device
+        self._on_updates([msg])
+
+    def _on_updates(self, msgs: list) -> None:
+        """Validate each update, store them all in one transaction, then ack each (never before the commit)."""
         cur = self._round if self._round is not None else (self._last_round() or 0)
         known = self._known_devices()
         if self._rules is None or self._rules.round != cur or set(self._rules.devices) != set(known):
             self._rules = self._make_rules(cur, known)
-        rules = self._rules
-        out = ingest(self.store, rules, msg.envelope, sender=dev, topic_round=msg.info.round)
-        if out.reason and out.reason != "duplicate" and not out.accepted:
-            self.stats.rejected[out.reason.split(":")[0]] += 1
-        if out.reason == "duplicate":
-            self.stats.duplicates += 1
-        ack = make_ack(msg.envelope, sender=self.cfg.username, accepted=out.accepted, reason=out.reason)
-        try:  # not waiting for the broker's PUBACK: the device resends (same key) if an ack goes missing
-            self.client.publish(self.topics.ack_to(dev), ack, wait=False)
-            self.stats.bytes_down += ack.encoded_size
-        except ProtocolError as exc:
-            log.warning("could not acknowledge %s's update: %s", dev, exc)
-        if out.counted:
-            self.on_event({"event": "update", "device": dev, "round": msg.info.round,
-                           "bytes": msg.envelope.header.length})
+        outs = ingest_many(self.store, self._rules, [(m.envelope, m.info.device, m.info.round) for m in msgs])
+        for msg, out in zip(msgs, outs):
+            dev = msg.info.device
+            if out.reason and out.reason != "duplicate" and not out.accepted:
+                self.stats.rejected[out.reason.split(":")[0]] += 1
+            if out.reason == "duplicate":
+                self.stats.duplicates += 1
+            ack = make_ack(msg.envelope, sender=self.cfg.username, accepted=out.accepted, reason=out.reason)
+            try:  # not waiting for the broker's PUBACK: the device resends (same key) if an ack goes missing
+                self.client.publish(self.topics.ack_to(dev), ack, wait=False)
+                self.stats.bytes_down += ack.encoded_size
+            except ProtocolError as exc:
+                log.warning("could not acknowledge %s's update: %s", dev, exc)
+            if out.counted:
+                self.on_event({"event": "update", "device": dev, "round": msg.info.round,
+                               "bytes": msg.envelope.header.length})
 
     def _server_for(self, msg) -> BundleServer:
         """The server of the bundle a request names (the round's bundle, or a device's block variant)."""

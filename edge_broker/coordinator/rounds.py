@@ -17,7 +17,7 @@ import numpy as np
 from device_runtime.bundle.manifest import Manifest
 from device_runtime.protocol import Envelope
 from edge_broker.aggregation import ClientUpdate, Strategy
-from edge_broker.store import Store
+from edge_broker.store import AddResult, NewUpdate, Store
 from edge_broker.validation import RejectReason, UpdateRules, validate_payload
 
 log = logging.getLogger("deft.edge")
@@ -48,27 +48,46 @@ def make_rules(manifest: Manifest, bundle_hash: str, round: int, devices: list[s
 def ingest(store: Store, rules: UpdateRules, env: Envelope, *, sender: str, topic_round: int | None) -> Outcome:
     """Validate one update and store it once under its idempotency key (a rejected one is stored too,
     with its reason, so the report can say what was refused and why)."""
-    key = env.header.key
-    checked, rej = validate_payload(rules, env.body, sender=sender, round=topic_round)
-    round_ = topic_round if topic_round is not None else rules.round
+    return ingest_many(store, rules, [(env, sender, topic_round)])[0]
+
+
+def ingest_many(store: Store, rules: UpdateRules, received: list[tuple[Envelope, str, int | None]]) -> list[Outcome]:
+    """:func:`ingest` for updates that arrived together ((envelope, sender, topic round) each): validated
+    one by one, stored in ONE transaction (one fsync for the lot), an outcome each, in order. The caller
+    acknowledges only after this returns, so an ack never precedes its update's commit."""
+    rows: list[NewUpdate] = []
+    rejections = []
+    for env, sender, topic_round in received:
+        checked, rej = validate_payload(rules, env.body, sender=sender, round=topic_round)
+        rejections.append(rej)
+        if rej is not None:
+            round_ = topic_round if topic_round is not None else rules.round
+            rows.append(NewUpdate(env.header.key, round_, sender, 0, None, accepted=False, reason=rej.reason.value,
+                                  meta={"detail": rej.detail}))
+        else:
+            assert checked is not None
+            rows.append(NewUpdate(env.header.key, checked.round, sender, checked.samples, env.body,
+                                  meta={"metrics": checked.metrics, "bytes": len(env.body)}))
+    results = store.add_updates(rows) if rows else []
+    return [_outcome(store, row, rej, res) for row, rej, res in zip(rows, rejections, results)]
+
+
+def _outcome(store: Store, row: NewUpdate, rej, res: AddResult) -> Outcome:
+    """What storing one update meant, and what to acknowledge."""
     if rej is not None:
-        res = store.add_update(key, round=round_, device=sender, samples=0, payload=None, accepted=False,
-                               reason=rej.reason.value, meta={"detail": rej.detail})
         if res == "duplicate_key":
-            return Outcome(store.has_update(round_, sender), "duplicate", False)
-        log.warning("rejected update %s from %s: %s", key, sender, rej)
+            return Outcome(store.has_update(row.round, row.device), "duplicate", False)
+        log.warning("rejected update %s from %s: %s", row.key, row.device, rej)
         return Outcome(False, str(rej), False)
-    assert checked is not None
-    res = store.add_update(key, round=checked.round, device=sender, samples=checked.samples, payload=env.body,
-                           meta={"metrics": checked.metrics, "bytes": len(env.body)})
     if res == "stored":
-        log.info("round %d: update from %s accepted (%d samples, %d bytes)", checked.round, sender, checked.samples,
-                 len(env.body))
+        log.info("round %d: update from %s accepted (%d samples, %d bytes)", row.round, row.device, row.samples,
+                 len(row.payload or b""))
         return Outcome(True, None, True)
     if res == "duplicate_key":  # a QoS 1 redelivery or a replay: acknowledged, not counted again
-        return Outcome(store.has_update(checked.round, sender), "duplicate", False)
-    reason = f"{RejectReason.DEVICE_MISMATCH.value}: device {sender} already has an update counted in round {checked.round}"
-    log.warning("rejected a second update from %s in round %d", sender, checked.round)
+        return Outcome(store.has_update(row.round, row.device), "duplicate", False)
+    reason = (f"{RejectReason.DEVICE_MISMATCH.value}: device {row.device} already has an update counted in "
+              f"round {row.round}")
+    log.warning("rejected a second update from %s in round %d", row.device, row.round)
     return Outcome(False, reason, False)
 
 
