@@ -91,6 +91,8 @@ class DeviceAgent:
         self.on_event = on_event or (lambda e: None)
         self.rounds_done: list[dict] = []
         self._global: Envelope | None = None
+        #: the last few global states by round: a task may name one that a newer retained state replaced
+        self._recent: dict[int, Envelope] = {}
         self._datasets: dict[str, Any] = {}
         self._client = None
 
@@ -328,9 +330,13 @@ class DeviceAgent:
                 msg = self.globals.get_nowait()
             except queue.Empty:
                 return
+            env = msg.envelope
+            self._recent[env.header.round or 0] = env
+            for old in sorted(self._recent)[:-4]:
+                del self._recent[old]
             cur = self._global
-            if cur is None or (msg.envelope.header.round or 0) >= (cur.header.round or 0):
-                self._global = msg.envelope
+            if cur is None or (env.header.round or 0) >= (cur.header.round or 0):
+                self._global = env
 
     def _wait_global(self, task: Task) -> dict[str, np.ndarray] | None:
         """The global tensors the task starts from (None: round 0 of a fresh run, the bundle's own)."""
@@ -339,14 +345,14 @@ class DeviceAgent:
         deadline = time.monotonic() + self.cfg.global_wait_s
         while not self.stop_event.is_set():
             self._drain_globals()
-            g = self._global
-            if g is not None and g.header.round == task.global_round and \
-                    (task.global_sha256 is None or g.header.sha256 == task.global_sha256):
+            g = self._recent.get(task.global_round)
+            if g is not None and (task.global_sha256 is None or g.header.sha256 == task.global_sha256):
                 from safetensors.numpy import load
 
                 return load(g.body)
-            if time.monotonic() > deadline:
-                raise AgentError(f"round {task.round}: global state of round {task.global_round} never arrived")
+            if time.monotonic() > deadline:  # not fatal: skip this task, serve the next one
+                raise DeviceError(f"round {task.round}: global state of round {task.global_round} never arrived "
+                                  f"(newest seen: {None if self._global is None else self._global.header.round})")
             time.sleep(0.1)
         raise AgentError("stopped while waiting for the global state")
 

@@ -30,6 +30,8 @@ class CoordinatorConfig(BaseModel):
     #: a round closes when every selected device answered, or at the deadline with >= min_updates
     deadline_s: float = Field(600.0, gt=0)
     min_updates: int = Field(1, ge=1)
+    #: close the round as soon as this many updates are in, without waiting for stragglers (None: all)
+    quorum: int | None = Field(None, ge=1)
     max_deadline_extensions: int = Field(3, ge=0)
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = Field(default_factory=dict)

@@ -180,7 +180,8 @@ class Coordinator:
 
     def _on_updates(self, msgs: list) -> None:
         """Validate each update, store them all in one transaction, then ack each (never before the commit)."""
-        cur = self._round if self._round is not None else (self._last_round() or 0)
+        # between rounds the "current" round is the next one: an update for a closed round is refused
+        cur = self._round if self._round is not None else (self._last_round() or 0) + 1
         known = self._known_devices()
         if self._rules is None or self._rules.round != cur or set(self._rules.devices) != set(known):
             self._rules = self._make_rules(cur, known)
@@ -228,8 +229,8 @@ class Coordinator:
 
     def _make_rules(self, round_: int, known: list[str]):
         rules = make_rules(self.manifest, self.bundle.hash, round_, known, self.cfg.max_update_bytes)
-        if round_ == self._round:
-            rules.selected = set(self._selected)
+        # only the devices given the open round's task may contribute; between rounds nobody may
+        rules.selected = set(self._selected) if round_ == self._round else set()
         if round_ == self._round and self._variants:  # LoLa DEFT: each device trains its own block bundle
             rules.device_bundles = {d: b.hash for d, b in self._variants.items()}
             rules.device_specs = {d: b.manifest.trainable for d, b in self._variants.items()}
@@ -354,6 +355,10 @@ class Coordinator:
             got = {u.device for u in self.store.updates(r, with_payload=False)}
             pending = [d for d in selected if d not in got]
             if not pending:
+                break
+            if self.cfg.quorum is not None and len(got) >= self.cfg.quorum:
+                log.info("round %d: quorum of %d updates reached; closing without %s", r, self.cfg.quorum,
+                         ", ".join(pending))
                 break
             alive = [d for d in pending if not self._written_off(d)]
             if not alive and len(got) >= self.cfg.min_updates:
