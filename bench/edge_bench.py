@@ -16,6 +16,8 @@ Measured in one run, interleaved (the order of the modes rotates per repetition)
   coordinator's ack. The kit round time runs from the ``run_round`` call until the last device has
   *received* the ack of its stored update; the coordinator's whole ``run_round`` (+ aggregation,
   publishing the new global, committing) is reported next to it.
+  ``kit-unbatched``: the same coordinator with ``MAX_UPDATE_BATCH = 1``, i.e. one SQLite commit per
+  update instead of one per batch of updates that queued up together (what batching buys).
 - **raw round**: a task on ``all/task/<r>`` from a plain edge client, the same device clients and the
   same bytes per device (the encoded update envelope) sent as a raw MQTT payload on a separate topic
   tree (``deft/v1/bench-raw/...``, which the coordinator does not subscribe to, so it costs the edge
