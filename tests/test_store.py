@@ -129,3 +129,21 @@ def test_store_survives_sigkill_mid_write(tmp_path):
         closed = [r.round for r in rounds if r.status == "closed"]
         assert len(closed) >= 10 and s.load_global()[0] == max(closed)
         assert s.add_update("key-0", round=1, device="dev0", samples=1, payload=b"") == "duplicate_key"
+
+
+def test_a_batch_gets_each_item_the_result_it_would_get_alone_in_one_commit(tmp_path):
+    from edge_broker.store import NewUpdate
+
+    with Store(tmp_path / "edge.db") as s:
+        s.open_round(1, bundle_hash="b" * 64)
+        batch = [NewUpdate(key="k1", round=1, device="d1", samples=10, payload=b"one"),
+                 NewUpdate(key="k1", round=1, device="d1", samples=10, payload=b"one"),  # replay in the batch
+                 NewUpdate(key="k2", round=1, device="d1", samples=10, payload=b"two"),  # second vote of d1
+                 NewUpdate(key="k3", round=1, device="d1", samples=0, payload=None, accepted=False,
+                           reason="wrong_shape"),  # a rejected one is kept with its reason
+                 NewUpdate(key="k4", round=1, device="d2", samples=5, payload=b"four")]
+        assert s.add_updates(batch) == ["stored", "duplicate_key", "device_already_counted", "stored", "stored"]
+        assert {u.device: u.samples for u in s.updates(1)} == {"d1": 10, "d2": 5}
+        assert [u.reason for u in s.updates(1, accepted=False)] == ["wrong_shape"]
+        assert s.add_updates([NewUpdate(key="k4", round=1, device="d2", samples=5, payload=b"four")]) == ["duplicate_key"]
+        assert s.count_updates(1) == 2
