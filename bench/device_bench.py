@@ -365,6 +365,13 @@ def report(results: dict, args: argparse.Namespace) -> None:
                   "peak_rss_ratio_ort_vs_torch": ort["peak_rss_mb"] / pt["peak_rss_mb"]}
         if ort.get("paired_step_time_ratios"):
             ratios["step_time_ratio_paired_median"] = statistics.median(ort["paired_step_time_ratios"])
+        op_ = profiles.get("ort-profile", {})
+        if "ops" in op_:
+            # the ratio ORT would reach if every kernel but its GEMMs took no time at all: the floor
+            # that session options, graph tweaks or host-side changes cannot get below
+            gemm_ms = sum(v["ms_per_step"] for k, v in op_["ops"].items()
+                          if k in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"))
+            ratios["step_time_ratio_floor_gemm_only"] = gemm_ms / 1000 / pt["median_step_s"]
     t = Table(title=f"device training: MiniLM LoRA r=8 q,v + head, batch {args.batch}, seq 64, "
                     f"{args.steps} timed steps")
     for c in ("runtime", "median step (s)", "peak RSS (MB)", "first/last loss", "note"):
@@ -396,6 +403,9 @@ def report(results: dict, args: argparse.Namespace) -> None:
         con.print(f"PyTorch eager: {tp['self_cpu_ms_per_step']:.0f} ms self CPU per step, matmul share "
                   f"{tp['matmul_share']:.0%}; top: " + ", ".join(f"{k} {v['share']:.0%}" for k, v in
                                                                list(tp["ops"].items())[:5]))
+    if "step_time_ratio_floor_gemm_only" in ratios:
+        con.print(f"ORT's GEMM kernels alone: x{ratios['step_time_ratio_floor_gemm_only']:.2f} of PyTorch's step "
+                  "(the floor if every other kernel were free)")
     if "payload_bytes" in ort:
         pt_ = Table(title=f"update payload per encoding ({ort['trainable_params']:,} trainable params)")
         pt_.add_column("encoding")
