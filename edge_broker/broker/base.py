@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
+import subprocess
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -95,6 +97,25 @@ def wait_port(host: str, port: int, timeout: float, alive: callable[[], bool] | 
             return False
         time.sleep(0.02)
     return False
+
+
+def end_process(p: subprocess.Popen | None, timeout: float = 10.0, *, graceful: bool = True) -> None:
+    """Stop a broker process: SIGTERM and wait ``timeout`` s (``graceful``), SIGKILL if it is still up;
+    always reaped, its stderr pipe closed. A process that already exited is only reaped."""
+    if p is None:
+        return
+    if p.poll() is None:
+        if graceful:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    if p.stderr is not None:
+        p.stderr.close()
 
 
 class Broker(ABC):

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from device_runtime.protocol.topics import ROOT, VERSION_SEGMENT, acl_patterns
-from edge_broker.broker.base import Account, Broker, BrokerError, port_open, wait_port
+from edge_broker.broker.base import Account, Broker, BrokerError, end_process, port_open, wait_port
 
 log = logging.getLogger("deft.broker")
 
@@ -125,23 +125,11 @@ class EmbeddedBroker(Broker):
         return None if self._proc is None else self._proc.pid
 
     def stop(self, timeout: float = 10.0) -> None:
-        p = self._proc
-        if p is None:
-            return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        end_process(self._proc, timeout)
         self._proc = None
 
     def kill(self) -> None:
-        p = self._proc
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait(5)
+        end_process(self._proc, graceful=False)
         self._proc = None
 
     def restart(self, timeout: float = 20.0) -> None:

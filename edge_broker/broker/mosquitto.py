@@ -11,14 +11,13 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_runtime.protocol.topics import ROOT, VERSION_SEGMENT, acl_patterns, check_id
-from edge_broker.broker.base import Account, Broker, BrokerError, port_open, wait_port
+from edge_broker.broker.base import Account, Broker, BrokerError, end_process, port_open, wait_port
 
 DEFAULT_MAX_PACKET_SIZE = 8 * 1024 * 1024
 
@@ -201,31 +200,17 @@ class MosquittoBroker(Broker):
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Mosquitto saves its persistence file), then SIGKILL if it hangs."""
-        p = self._proc
-        if p is None:
+        if self._proc is None:
             return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        if p.stderr is not None:
-            p.stderr.close()
+        end_process(self._proc, timeout)
         self._proc = None
         self._wait_port_free()
 
     def kill(self) -> None:
         """SIGKILL: a crash, for tests. Messages not yet autosaved are lost, as on a real crash."""
-        p = self._proc
-        if p is None:
+        if self._proc is None:
             return
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
-        if p.stderr is not None:
-            p.stderr.close()
+        end_process(self._proc, graceful=False)
         self._proc = None
 
     def _wait_port_free(self, timeout: float = 5.0) -> None:
