@@ -75,6 +75,25 @@ def test_device_cannot_publish_on_another_devices_topic(mosquitto_broker, mqtt_c
     assert got.info.device == "dev1" and got.envelope.header.sender == "dev1"
 
 
+def test_publish_many_delivers_each_once_and_names_a_refused_topic(mosquitto_broker, mqtt_client):
+    """The coordinator sends a round's tasks with publish_many (one wait for all PUBACKs): each
+    device gets exactly its own task, chunked ones reassembled; a refused publish is named."""
+    t = mosquitto_broker.topics
+    edge = mqtt_client(mosquitto_broker, "edge")
+    inboxes = {d: mqtt_client(mosquitto_broker, d).subscribe(t.device_inbox(d)[0]) for d in ("dev1", "dev2")}
+    big = bytes(range(256)) * (3 * TEST_MAX_PACKET // 256)  # over the packet limit: chunked
+    items = [(t.task_for("dev1", 3), Envelope.build("task", sender="edge", fleet=FLEET, round=3, body=b"one")),
+             (t.task_for("dev2", 3), Envelope.build("task", sender="edge", fleet=FLEET, round=3, body=big))]
+    packets = edge.publish_many(items, timeout=30)
+    assert packets > 2  # the big one went as several chunks
+    assert inboxes["dev1"].get(timeout=5).envelope.body == b"one"
+    assert inboxes["dev2"].get(timeout=10).envelope.body == big
+    assert _nothing_arrives(inboxes["dev1"], 0.5) and _nothing_arrives(inboxes["dev2"], 0.5)
+    dev1 = mqtt_client(mosquitto_broker, "dev1")
+    with pytest.raises(PublishRefused, match="dev2"):
+        dev1.publish_many([(t.update("dev1", 3), _update("dev1", 3)), (t.update("dev2", 3), _update("dev2", 3))])
+
+
 def test_device_cannot_read_what_is_addressed_to_another(mosquitto_broker, mqtt_client):
     t = mosquitto_broker.topics
     edge = mqtt_client(mosquitto_broker, "edge")

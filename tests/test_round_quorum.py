@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from device_runtime.agent import AgentConfig, DeviceAgent
+from device_runtime.bundle.archive import BundleCache
 from edge_broker.coordinator.config import CoordinatorConfig
 from edge_broker.coordinator.coordinator import Coordinator
 from tests._broker import FLEET
@@ -31,6 +32,9 @@ def test_quorum_closes_the_round_without_the_straggler(fresh_mosquitto, tiny_ber
                             deadline_s=300, hyperparams={"epochs": 1, "batch_size": 8, "lr": 1e-2}, eval_initial=False)
     agents, start = [], 0
     for d, n in rows.items():
+        # the bundle is already on each device (as after a first round): the straggler is the device
+        # that trains 50x longer, not whichever the edge happens to send the bundle to last
+        BundleCache(tmp_path / d / "bundles").add_dir(tiny_bert_bundle)
         agents.append(DeviceAgent(AgentConfig(broker=url, device_id=d, password=but.passwords[d], fleet=FLEET,
                                               data=_shard(tmp_path / f"{d}.tsv", start, n), workdir=tmp_path / d,
                                               threads=1, max_rounds=1)))

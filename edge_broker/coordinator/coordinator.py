@@ -343,9 +343,10 @@ class Coordinator:
                         deadline_ts=rec.deadline, trainable_blocks=blocks.get(d))
             self._task_env[d] = to_envelope(task, sender=self.cfg.username, fleet=self.cfg.fleet, round=r)
         self._rules = None
-        for d in selected:
-            if not self.store.has_update(r, d):
-                self._send(self.topics.task_for(d, r), self._task_env[d])
+        # all tasks back to back, one wait for the broker's acknowledgements (not a round trip per device)
+        sends = [(self.topics.task_for(d, r), self._task_env[d]) for d in selected if not self.store.has_update(r, d)]
+        self.client.publish_many(sends, timeout=60)
+        self.stats.bytes_down += sum(env.encoded_size for _, env in sends)
         self.on_event({"event": "round_open", "round": r, "devices": selected})
         deadline = rec.deadline or (time.time() + self.cfg.deadline_s)
         extensions = 0
