@@ -142,6 +142,10 @@ class UpdateRecord:
     payload_sha256: str | None
 
 
+#: SQLite page size of a new store (bytes)
+PAGE_SIZE = 65536
+
+
 class Store:
     """One coordinator's database. Thread-safe (one connection behind a lock: paho callbacks and the
     round loop may both write)."""
@@ -151,6 +155,9 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            # 64 KiB pages (takes effect only on a new database, before WAL): an update is a ~80-300 KB
+            # blob, stored in a few pages instead of a 75-page overflow chain; ~3x faster to store
+            self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")

@@ -147,3 +147,29 @@ def test_a_batch_gets_each_item_the_result_it_would_get_alone_in_one_commit(tmp_
         assert [u.reason for u in s.updates(1, accepted=False)] == ["wrong_shape"]
         assert s.add_updates([NewUpdate(key="k4", round=1, device="d2", samples=5, payload=b"four")]) == ["duplicate_key"]
         assert s.count_updates(1) == 2
+
+
+def test_new_store_uses_large_pages_and_an_old_small_page_store_still_opens(tmp_path):
+    import sqlite3
+
+    from edge_broker.store import PAGE_SIZE
+
+    blob = os.urandom(300_000)  # a real-size fp32 LoRA update
+    with Store(tmp_path / "new.db") as s:
+        assert s._db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+        s.open_round(1, bundle_hash=BUNDLE)
+        assert s.add_update("k", round=1, device="dev1", samples=3, payload=blob) == "stored"
+    # a store written by an earlier kit (4 KiB pages, WAL) keeps its pages and its data
+    old = tmp_path / "old.db"
+    db = sqlite3.connect(old)
+    db.execute("PRAGMA page_size=4096")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    with Store(old) as s:
+        s.open_round(1, bundle_hash=BUNDLE)
+        assert s.add_update("k", round=1, device="dev1", samples=3, payload=blob) == "stored"
+    with Store(old) as s:
+        assert s._db.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert s.updates(1)[0].payload == blob and s.integrity_ok()
+    with Store(tmp_path / "new.db") as s:
+        assert s.updates(1)[0].payload == blob and s.integrity_ok()
