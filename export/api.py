@@ -91,7 +91,7 @@ def export_bundle(
 
     say("exporting training graph")
     train_graph = onnx_graph.prepare_graph(
-        onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab), names)
+        onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, dropout=cfg.dropout), names)
     say("exporting inference graph")
     infer_graph = onnx_graph.prepare_graph(onnx_graph.export_inference_graph(pm, cfg.task, cfg.opset, vocab), names)
 
@@ -143,6 +143,7 @@ def export_bundle(
                 params_trainable=int(sum(s.numel for s in specs)),
                 opset=cfg.opset,
                 ir_version=int(train_graph.ir_version),
+                dropout=cfg.dropout,
                 files=files,
                 extras=extras,
             )

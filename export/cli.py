@@ -44,6 +44,9 @@ def export_command(
     head: bool = typer.Option(True, "--head/--no-head", help="Train the classification head (seq-cls)."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank (every adapter block)."),
     lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 2*r)."),
+    dropout: bool = typer.Option(False, "--dropout",
+                                 help="Train with the model's dropout (+ --lora-dropout); evaluation runs without."),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the LoRA input (needs --dropout)."),
     lora_targets: str | None = typer.Option(None, "--lora-targets",
                                             help="Modules LoRA adapts (default: attention query,value)."),
     lora_ranks: str | None = typer.Option(None, "--lora-ranks",
@@ -74,6 +77,7 @@ def export_command(
         emu = _ints(emulator, "--emulator")
         opts = dict(task=task, num_labels=num_labels, labels=_strs(labels), peft=peft, head=head, lora_r=lora_r,
                     lora_alpha=lora_alpha, lora_targets=_strs(lora_targets), lora_ranks=ranks,
+                    dropout=dropout, lora_dropout=lora_dropout,
                     num_virtual_tokens=prompt_tokens, trainable_blocks=_ints(trainable_blocks, "--trainable-blocks"),
                     emulator=emu, max_length=max_length, quantize_inference=quantize, torch_program=torch_program,
                     seed=seed)

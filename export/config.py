@@ -30,6 +30,11 @@ class ExportConfig(BaseModel):
     lora_r: int = 8
     lora_alpha: float | None = None  # default: 2 * r of the block (PEFT's common choice)
     lora_dropout: float = 0.0
+    #: train with dropout: the model's own (hidden/attention, from its config) and ``lora_dropout``. The
+    #: training graph is then exported in training mode (ONNX Runtime's eval graph turns it off). Off
+    #: by default: a step is then a pure function of the batch and the weights, which the parity tests
+    #: and the bit-exact resume after a kill rely on
+    dropout: bool = False
     lora_targets: list[str] | None = None  # default: the architecture's attention query/value
     #: explicit LoRA rank per (emulator) block; 0 = no LoRA in that block
     lora_ranks: list[int] | None = None
@@ -72,6 +77,15 @@ class ExportConfig(BaseModel):
             raise ExportError(f"--rank-schedule ranks must be > 0 (got {self.rank_schedule})")
         if self.rank_schedule is not None and self.lora_ranks is not None:
             raise ExportError("give either --lora-ranks or --rank-schedule, not both")
+        if self.lora_dropout and not self.dropout:
+            raise ExportError(f"--lora-dropout {self.lora_dropout} has no effect without --dropout (training graphs "
+                              "are exported without dropout unless asked): add --dropout or drop --lora-dropout")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ExportError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.dropout and self.torch_program:
+            raise ExportError("--torch-program exports the forward without dropout, so the torch backend could not "
+                              "train this bundle as ONNX Runtime does: export with --dropout or with --torch-program, "
+                              "not both")
         if self.max_length <= 1:
             raise ExportError(f"--max-length must be > 1 (got {self.max_length})")
         if self.task == "seq-cls":

@@ -118,27 +118,33 @@ def traceable_masks():
 
 
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-            dynamic_axes: dict, opset: int) -> onnx.ModelProto:
+            dynamic_axes: dict, opset: int, training: bool = False) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), traceable_masks():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, buf, dynamo=False, do_constant_folding=False, export_params=True,
             opset_version=opset, input_names=input_names, output_names=output_names,
-            dynamic_axes=dynamic_axes, training=torch.onnx.TrainingMode.EVAL,
+            dynamic_axes=dynamic_axes,
+            training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
         )
     return onnx.load_from_string(buf.getvalue())
 
 
 def export_training_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int, opset: int,
-                          vocab: int) -> onnx.ModelProto:
-    wrapper = TrainingForward(model, task, num_virtual_tokens).eval()
+                          vocab: int, dropout: bool = False) -> onnx.ModelProto:
+    """The training graph; with ``dropout`` exported in training mode, so its Dropout nodes are live
+    (ONNX Runtime's artifact generator turns them off in the eval graph)."""
+    wrapper = TrainingForward(model, task, num_virtual_tokens).train(dropout)
     x = sample_inputs(task, vocab=vocab)
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
             "labels": {0: "batch"} if task == "seq-cls" else {0: "batch", 1: "seq"},
             "logits": {0: "batch"} if task == "seq-cls" else {0: "batch", 1: "seq_out"}}
-    return _export(wrapper, (x["input_ids"], x["attention_mask"], x["labels"]),
-                   ["input_ids", "attention_mask", "labels"], ["loss", "logits"], axes, opset)
+    try:
+        return _export(wrapper, (x["input_ids"], x["attention_mask"], x["labels"]),
+                       ["input_ids", "attention_mask", "labels"], ["loss", "logits"], axes, opset, training=dropout)
+    finally:
+        wrapper.eval()
 
 
 def export_inference_graph(model: torch.nn.Module, task: str, opset: int, vocab: int) -> onnx.ModelProto:

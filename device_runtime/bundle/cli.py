@@ -41,6 +41,7 @@ def summary(bundle: Path) -> dict:
         "peft": m.peft.method,
         "lora_ranks": {str(k): v for k, v in m.peft.lora_ranks.items()},
         "trainable_blocks": m.peft.trainable_blocks,
+        "dropout": m.dropout,
         "params_total": m.params_total,
         "params_trainable": m.params_trainable,
         "block_params": {str(k): v for k, v in m.block_params.items()},
@@ -71,7 +72,8 @@ def inspect_command(
     con.print(f"{emu}: keeps original blocks {s['layer_map']} of {s['layers_full']}; "
               f"adapter (trainable) blocks {s['adapter_blocks']}")
     con.print(f"PEFT {s['peft']}; trainable {s['params_trainable']:,} of {s['params_total']:,} parameters "
-              f"({100 * s['params_trainable'] / max(1, s['params_total']):.2f}%)")
+              f"({100 * s['params_trainable'] / max(1, s['params_total']):.2f}%); "
+              f"{'trains with dropout' if s['dropout'] else 'no dropout in training'}")
     t = Table("block", "original block", "LoRA rank", "trainable params")
     for b, n in s["block_params"].items():
         t.add_row(b, str(s["layer_map"][int(b)]), str(s["lora_ranks"].get(b, "-")), f"{n:,}")

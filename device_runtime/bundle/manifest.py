@@ -124,6 +124,8 @@ class Manifest(_Strict):
     opset: int
     ir_version: int
     optimizer: Literal["adamw"] = "adamw"
+    #: the training graph applies the model's dropout (and LoRA dropout); the eval graph never does
+    dropout: bool = False
     #: relative file name -> sha256 hex of every file in the bundle except the manifest
     files: dict[str, str]
     #: optional extra artifacts (e.g. ``inference.int8.onnx``, ``model.pt2``)
