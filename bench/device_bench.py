@@ -22,7 +22,7 @@ each runtime (ONNX Runtime's profiler; ``torch.profiler``) and report kernel tim
 is where the answer to "why not faster" lives (the step is dominated by the frozen model's matmuls,
 which both runtimes hand to an optimised GEMM).
 
-    .venv/bin/python bench/device_bench.py [--steps 30] [--bundle DIR]
+    .venv/bin/python bench/device_bench.py [--steps 30] [--bundle DIR] [--plot-only]
 """
 
 from __future__ import annotations
@@ -296,7 +296,12 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="skip the per-op profiles of ORT and PyTorch")
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--no-torch-backend", action="store_true", help="skip the device torch backend")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results JSON, run nothing")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(RESULTS.read_text()), RESULTS.with_suffix(".png"))
+        print(f"wrote {RESULTS.with_suffix('.png').relative_to(REPO)}")
+        return
 
     if args.role:
         fn = {"ort": lambda: role_ort(args.bundle, args.steps, args.warmup, args.batch, args.child_out),
@@ -454,7 +459,48 @@ def report(results: dict, args: argparse.Namespace) -> None:
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(RESULTS)
-    con.print(f"wrote {RESULTS.relative_to(REPO)}")
+    plot(out, RESULTS.with_suffix(".png"))
+    con.print(f"wrote {RESULTS.relative_to(REPO)} and {RESULTS.with_suffix('.png').relative_to(REPO)}")
+
+
+#: plot order and colours: each ORT runtime next to the PyTorch run it is compared with
+_PLOT = (("ort", "ORT", "tab:blue"), ("torch", "PyTorch eager", "tab:orange"),
+         ("ort-dropout", "ORT --dropout", "tab:cyan"), ("torch-dropout", "PyTorch + dropout", "tab:red"),
+         ("torch-backend", "torch backend\n(model.pt2)", "tab:gray"))
+
+
+def plot(out: dict, path: Path) -> None:
+    """Median step time and peak RSS per runtime (dots: the individual runs), with the ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = out["results"]
+    rows = [(k, label, color) for k, label, color in _PLOT if k in res and "error" not in res[k]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, unit, title in ((axes[0], "median_step_s", "s", "median train step (batch 16 x 64 tokens)"),
+                                 (axes[1], "peak_rss_mb", "MB", "peak RSS")):
+        for i, (k, label, color) in enumerate(rows):
+            ax.bar(i, res[k][key], color=color)
+            runs = res[k].get(f"{key}_runs", [])
+            ax.scatter([i] * len(runs), runs, color="k", s=10, zorder=3)
+            ax.text(i, res[k][key] * 1.02, f"{res[k][key]:.3f}" if unit == "s" else f"{res[k][key]:.0f}",
+                    ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(range(len(rows)), [label for _, label, _ in rows], fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+    t, m = out.get("step_time_ratio_ort_vs_torch"), out.get("peak_rss_ratio_ort_vs_torch")
+    td, md = out.get("step_time_ratio_ort_vs_torch_with_dropout"), out.get("peak_rss_ratio_ort_vs_torch_with_dropout")
+    parts = []
+    if t is not None:
+        parts.append(f"ORT/PyTorch: time {t:.2f}x (target 0.5x), RSS {m:.2f}x (target 0.6x)")
+    if td is not None:
+        parts.append(f"both with dropout: time {td:.2f}x, RSS {md:.2f}x")
+    fig.suptitle("MiniLM LoRA r=8 q,v + head on this machine's CPU" + ("\n" + "; ".join(parts) if parts else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
