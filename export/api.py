@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-import os
 import datetime as _dt
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,15 +99,19 @@ def export_bundle(
     with staging_dir(out) as tmp:
         say("generating ONNX Runtime training artifacts")
         training_artifacts.generate(train_graph, names, tmp)
-        onnx.save(infer_graph, str(tmp / "inference.onnx"))
         (tmp / "tokenizer.json").write_text(tok)
         extras: list[str] = []
         if cfg.quantize_inference:
             say("quantizing inference graph to int8")
             from export.quantize import quantize_int8
 
-            quantize_int8(tmp / "inference.onnx", tmp / "inference.int8.onnx")
+            with tempfile.TemporaryDirectory() as full:  # int8 needs the float weights; they stay out of the bundle
+                onnx.save(infer_graph, str(Path(full) / "inference.onnx"))
+                quantize_int8(Path(full) / "inference.onnx", tmp / "inference.int8.onnx")
             extras.append("inference.int8.onnx")
+        # the inference graph takes its weights from the checkpoint at load time: shipped once, not twice
+        external = onnx_graph.strip_weights(infer_graph, training_artifacts.checkpoint_shapes(tmp / "checkpoint"))
+        onnx.save(infer_graph, str(tmp / "inference.onnx"))
         if cfg.torch_program:
             say("writing torch.export program")
             from export.torch_program import save_torch_program
@@ -144,6 +149,7 @@ def export_bundle(
                 opset=cfg.opset,
                 ir_version=int(train_graph.ir_version),
                 dropout=cfg.dropout,
+                inference_external=external,
                 files=files,
                 extras=extras,
             )

@@ -203,5 +203,30 @@ def prepare_graph(model: onnx.ModelProto, expected: list[str]) -> onnx.ModelProt
     return model
 
 
+#: where a weightless inference graph's initializers "live": a file that never exists, so loading the
+#: graph on its own fails loudly instead of reading bytes from somewhere else; the device runtime
+#: supplies these tensors from the bundle's checkpoint (``device_runtime.inference``)
+EXTERNAL_LOCATION = "__weights_from_checkpoint__"
+
+
+def strip_weights(model: onnx.ModelProto, available: dict[str, tuple[int, ...]]) -> list[str]:
+    """Drop the bytes of every float32 initializer the checkpoint holds with the same shape
+    (``available``: name -> shape) and declare it external data at :data:`EXTERNAL_LOCATION`.
+
+    The bundle then carries the model's weights once (in the checkpoint), not twice. Returns the
+    names stripped, in graph order; anything else (constants, other dtypes) keeps its bytes."""
+    from onnx.external_data_helper import set_external_data
+
+    stripped = []
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT or available.get(t.name) != tuple(t.dims):
+            continue
+        set_external_data(t, location=EXTERNAL_LOCATION)
+        t.ClearField("raw_data")
+        t.ClearField("float_data")
+        stripped.append(t.name)
+    return stripped
+
+
 def initializer_names(model: onnx.ModelProto) -> list[str]:
     return [t.name for t in model.graph.initializer]

@@ -61,3 +61,12 @@ def generate(model: onnx.ModelProto, trainable: list[str], out_dir: str | Path) 
         except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeErrors
             raise ExportError(f"ONNX Runtime could not build the training artifacts: {str(exc).splitlines()[0]}") \
                 from exc
+
+
+def checkpoint_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter (trainable or frozen) in an ORT checkpoint."""
+    import numpy as np
+    from onnxruntime.training.api import CheckpointState
+
+    state = CheckpointState.load_checkpoint(str(checkpoint))
+    return {name: tuple(np.asarray(p.data).shape) for name, p in state.parameters}

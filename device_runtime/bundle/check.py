@@ -30,13 +30,13 @@ def _dummy_batch(m: Manifest, batch: int = 2, seq: int = 8):
 
 
 def _graph_io_problems(root: Path, m: Manifest) -> list[str]:
-    import onnxruntime
+    from device_runtime.inference import inference_session
 
     problems: list[str] = []
-    opts = onnxruntime.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        sess = onnxruntime.InferenceSession(str(root / "inference.onnx"), opts, providers=["CPUExecutionProvider"])
+        sess = inference_session(root, m)
+    except DeviceError as exc:
+        return [f"inference.onnx: {exc}"]
     except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeErrors/Fail
         return [f"inference.onnx: does not load in ONNX Runtime ({str(exc).splitlines()[0][:200]})"]
     names = [i.name for i in sess.get_inputs()]

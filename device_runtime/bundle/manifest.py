@@ -126,6 +126,9 @@ class Manifest(_Strict):
     optimizer: Literal["adamw"] = "adamw"
     #: the training graph applies the model's dropout (and LoRA dropout); the eval graph never does
     dropout: bool = False
+    #: initializers of ``inference.onnx`` that carry no bytes there: ONNX Runtime is given them from
+    #: the checkpoint at load time (``device_runtime.inference``). Empty: the graph holds its weights
+    inference_external: list[str] = Field(default_factory=list)
     #: relative file name -> sha256 hex of every file in the bundle except the manifest
     files: dict[str, str]
     #: optional extra artifacts (e.g. ``inference.int8.onnx``, ``model.pt2``)
