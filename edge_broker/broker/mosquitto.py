@@ -208,8 +208,6 @@ class MosquittoBroker(Broker):
 
     def kill(self) -> None:
         """SIGKILL: a crash, for tests. Messages not yet autosaved are lost, as on a real crash."""
-        if self._proc is None:
-            return
         end_process(self._proc, graceful=False)
         self._proc = None
 
