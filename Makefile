@@ -2,12 +2,13 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 DEVICE_VENV ?= .venv-device
+ORT_TRAINING_VENV ?= .venv-ort-training
 PIP_FLAGS ?= -q --disable-pip-version-check
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device demo test test-fast test-device bench lint clean
+.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -23,15 +24,31 @@ $(DEVICE_VENV)/.installed: pyproject.toml constraints.txt
 	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e ".[device]" pytest pytest-timeout
 	touch $@
 
+# The optional ONNX Runtime training-artifacts format (`deft export --format ort-training`): the last
+# training build (1.19.2, x86_64, Python <= 3.11) replaces plain onnxruntime in an environment of its own
+# (the two share a module name), with the onnx it was built against.
+install-ort-training: $(ORT_TRAINING_VENV)/.installed
+$(ORT_TRAINING_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(ORT_TRAINING_VENV)
+	$(ORT_TRAINING_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt torch==2.13.0
+	$(ORT_TRAINING_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e ".[export]" pytest pytest-timeout
+	$(ORT_TRAINING_VENV)/bin/pip uninstall $(PIP_FLAGS) -y onnxruntime
+	$(ORT_TRAINING_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt onnxruntime-training-cpu==1.19.2 onnx==1.17.0
+	touch $@
+
 demo: install
 	$(VENV)/bin/deft demo
 
-test: install install-device
+test: install install-device install-ort-training
 	$(VENV)/bin/python -m pytest tests -q
 	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only -q
+	DEFT_ORT_TRAINING=1 $(ORT_TRAINING_VENV)/bin/python -m pytest tests/ort_training -q
 
 test-fast: install
 	$(VENV)/bin/python -m pytest tests -q -m "not slow"
+
+test-ort-training: install-ort-training
+	DEFT_ORT_TRAINING=1 $(ORT_TRAINING_VENV)/bin/python -m pytest tests/ort_training -q
 
 test-device: install-device
 	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only -q
@@ -43,4 +60,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) .pytest_cache .hypothesis

@@ -1,5 +1,8 @@
-"""Choose the training backend by name. ORT is the default; ``torch`` exists for devices without an
-ONNX Runtime training build (aarch64) and is imported only when asked for."""
+"""Choose the training backend for a bundle: its format decides.
+
+``step`` bundles (the default) train on the plain ``onnxruntime`` package (``step_backend``);
+``ort-training`` bundles need an ONNX Runtime training build (``ort_backend``), imported only then.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from typing import Literal
 from device_runtime.bundle.load import Bundle
 from device_runtime.errors import BackendUnavailable
 
-BackendName = Literal["ort", "torch"]
-BACKENDS = ("ort", "torch")
+BackendName = Literal["ort"]
+BACKENDS = ("ort",)
 
 
 def make_backend(bundle: Bundle, name: str = "ort", checkpoint: str | Path | None = None,
@@ -18,18 +21,13 @@ def make_backend(bundle: Bundle, name: str = "ort", checkpoint: str | Path | Non
     """A training backend for ``bundle``; ``threads`` caps the CPU threads it uses (None: all cores)."""
     if threads is not None and threads <= 0:
         raise BackendUnavailable(f"--threads {threads} must be a positive number")
-    if name == "ort":
+    if name not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} (the torch "
+                                 "backend is gone: the step graph trains on plain onnxruntime everywhere)")
+    if bundle.manifest.format == "ort-training":
         from device_runtime.ort_backend import OrtBackend
 
         return OrtBackend(bundle, checkpoint, threads=threads)
-    if name == "torch":
-        try:
-            from device_runtime.torch_backend import TorchBackend
-        except ImportError as exc:
-            raise BackendUnavailable(f"the torch backend is not available here ({exc}); use --backend ort") from None
-        if threads is not None:
-            import torch
+    from device_runtime.step_backend import StepBackend
 
-            torch.set_num_threads(threads)
-        return TorchBackend(bundle, checkpoint)
-    raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return StepBackend(bundle, checkpoint, threads=threads)

@@ -1,6 +1,6 @@
 """ONNX Runtime inference sessions on a bundle's ``inference.onnx``.
 
-A bundle ships the model's weights once, in the training checkpoint: its inference graph declares
+A bundle ships the model's weights once (``device_runtime.weights``): its inference graph declares
 them as external data (``manifest.inference_external``) and this module hands them to ONNX Runtime
 at load time. Trained tensors (a device's update, the edge's global state) can stand in for the
 checkpoint's own, so the same graph serves the model as trained. Torch-free.
@@ -16,15 +16,15 @@ import numpy as np
 
 from device_runtime.bundle.manifest import Manifest
 from device_runtime.errors import BundleError
-from device_runtime.state import checkpoint_arrays
+from device_runtime.weights import named_arrays
 
 
 def inference_session(root: str | Path, manifest: Manifest, tensors: Mapping[str, np.ndarray] | None = None,
                       threads: int | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` on ``root/inference.onnx`` with its weights in place.
 
-    ``tensors``: trained tensors (name -> array) used instead of the checkpoint's; each must be one
-    the graph takes from the checkpoint, with the same shape."""
+    ``tensors``: trained tensors (name -> array) used instead of the bundle's; each must be one
+    the graph takes from the bundle's weights, with the same shape."""
     import onnxruntime
 
     root = Path(root)
@@ -33,8 +33,8 @@ def inference_session(root: str | Path, manifest: Manifest, tensors: Mapping[str
     if threads:
         opts.intra_op_num_threads = threads
     names = list(manifest.inference_external)
-    values = (checkpoint_arrays(root / "checkpoint", names, needed_by="that inference.onnx takes from it",
-                                error=BundleError) if names else {})
+    values = (named_arrays(root, manifest, names, needed_by="that inference.onnx takes from it",
+                           error=BundleError) if names else {})
     for name, arr in (tensors or {}).items():
         if name not in values:
             raise BundleError(f"tensor {name!r} is not a weight of this bundle's inference graph")

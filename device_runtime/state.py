@@ -78,27 +78,3 @@ def load_state_file(path: str | Path, base: Callable[[], Mapping[str, np.ndarray
             raise StateError(f"{p}: is a delta update; it needs the tensors it was computed against")
         return upd.full_tensors(base())
     return upd.tensors
-
-
-def checkpoint_arrays(checkpoint: str | Path, names: list[str], *, needed_by: str,
-                      error: type[DeviceError] = StateError) -> dict[str, np.ndarray]:
-    """The named parameters of an ORT checkpoint as float32 copies, without building a Module (the
-    file is only read). A name the checkpoint lacks raises ``error``, saying who ``needed_by`` it."""
-    from device_runtime.ort_training import load_training_api
-
-    state = load_training_api().CheckpointState.load_checkpoint(str(checkpoint))
-    held = {n for n, _ in state.parameters}
-    missing = [n for n in names if n not in held]
-    if missing:
-        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise error(f"{checkpoint}: has no tensor {missing[0]!r} {needed_by}{more}; re-export the bundle")
-    return {n: np.array(state.parameters[n].data, dtype=np.float32, copy=True) for n in names}
-
-
-def read_checkpoint_tensors(bundle) -> dict[str, np.ndarray]:
-    """The bundle's initial trainable tensors, read from its ORT checkpoint.
-
-    This is round 0's global state at the edge, so it must be exactly what every device starts from.
-    """
-    return checkpoint_arrays(bundle.checkpoint, bundle.manifest.trainable_names,
-                             needed_by="that the manifest lists as trainable")

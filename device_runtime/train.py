@@ -152,8 +152,6 @@ def train(bundle: Bundle, train_ds: Dataset, cfg: TrainConfig, eval_ds: Dataset 
         step0, losses, samples, history = 0, [], 0, []
 
     if frozen_state:
-        if not hasattr(backend, "set_frozen"):
-            raise DeviceError(f"the {cfg.backend} backend cannot load frozen tensors; use the ort backend")
         backend.set_frozen(frozen_state)
 
     def record() -> dict:

@@ -1,4 +1,4 @@
-"""``export_bundle``: Hugging Face model -> emulator -> PEFT -> ONNX training artifacts -> device bundle."""
+"""``export_bundle``: Hugging Face model -> emulator -> PEFT -> ONNX step graph -> device bundle."""
 
 from __future__ import annotations
 
@@ -10,12 +10,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from safetensors.numpy import save_file as save_safetensors
 
 from deftkit import __version__
-from device_runtime.bundle.manifest import EmulatorSpec, Manifest, TensorSpec
-from export import onnx_graph, training_artifacts
+from device_runtime.bundle.manifest import (
+    EVAL_GRAPH,
+    STEP_GRAPH,
+    WEIGHTS_FILE,
+    EmulatorSpec,
+    Manifest,
+    StepSpec,
+    TensorSpec,
+)
+from export import onnx_graph
+from export import step_graph as step_graph_mod
 from export.architectures import Architecture, architecture_for
 from export.bundle_writer import check_destination, finalize, staging_dir
 from export.config import ExportConfig
@@ -45,6 +56,15 @@ def build_peft_model(model: torch.nn.Module, arch: Architecture, cfg: ExportConf
     specs = trainable_specs(pm, arch, cfg.trainable_blocks, len(spec.layer_map))
     pm.eval()
     return pm, spec, specs, full_cfg
+
+
+def weight_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Every float32 parameter and buffer of ``model`` by state-dict name: ``weights.safetensors``."""
+    out = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.dtype == torch.float32:
+            out[name] = t.detach().cpu().contiguous().numpy().copy()
+    return out
 
 
 def export_bundle(
@@ -90,15 +110,40 @@ def export_bundle(
     vocab = int(hf.config.vocab_size)
     n_virtual = cfg.num_virtual_tokens if "prompt" in cfg.peft else 0
 
-    say("exporting training graph")
-    train_graph = onnx_graph.prepare_graph(
-        onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, dropout=cfg.dropout), names)
+    if cfg.format == "step":
+        say("tracing the training step (forward, backward, AdamW)")
+        step_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
+                                                      dropout=cfg.dropout)
+        say("exporting eval graph")
+        eval_graph = onnx_graph.initializers_to_inputs(onnx_graph.prepare_graph(
+            onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab), names), names)
+        ir_version, opset = int(step_graph.ir_version), max(cfg.opset, 18)
+    else:
+        say("exporting training graph")
+        train_graph = onnx_graph.prepare_graph(
+            onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, dropout=cfg.dropout), names)
+        ir_version, opset = int(train_graph.ir_version), cfg.opset
     say("exporting inference graph")
     infer_graph = onnx_graph.prepare_graph(onnx_graph.export_inference_graph(pm, cfg.task, cfg.opset, vocab), names)
 
     with staging_dir(out) as tmp:
-        say("generating ONNX Runtime training artifacts")
-        training_artifacts.generate(train_graph, names, tmp)
+        step_spec = None
+        if cfg.format == "step":
+            say("writing step graph and weights")
+            weights = weight_arrays(pm)
+            save_safetensors(weights, str(tmp / WEIGHTS_FILE))
+            shapes = {k: tuple(v.shape) for k, v in weights.items()}
+            step_spec = StepSpec(external={
+                STEP_GRAPH: onnx_graph.strip_weights(step_graph, shapes),
+                EVAL_GRAPH: onnx_graph.strip_weights(eval_graph, shapes)})
+            onnx.save(step_graph, str(tmp / STEP_GRAPH))
+            onnx.save(eval_graph, str(tmp / EVAL_GRAPH))
+        else:
+            say("generating ONNX Runtime training artifacts")
+            from export import training_artifacts
+
+            training_artifacts.generate(train_graph, names, tmp)
+            shapes = training_artifacts.checkpoint_shapes(tmp / "checkpoint")
         (tmp / "tokenizer.json").write_text(tok)
         extras: list[str] = []
         if cfg.quantize_inference:
@@ -109,15 +154,9 @@ def export_bundle(
                 onnx.save(infer_graph, str(Path(full) / "inference.onnx"))
                 quantize_int8(Path(full) / "inference.onnx", tmp / "inference.int8.onnx")
             extras.append("inference.int8.onnx")
-        # the inference graph takes its weights from the checkpoint at load time: shipped once, not twice
-        external = onnx_graph.strip_weights(infer_graph, training_artifacts.checkpoint_shapes(tmp / "checkpoint"))
+        # the inference graph takes its weights from the bundle's weights at load time: shipped once, not twice
+        external = onnx_graph.strip_weights(infer_graph, shapes)
         onnx.save(infer_graph, str(tmp / "inference.onnx"))
-        if cfg.torch_program:
-            say("writing torch.export program")
-            from export.torch_program import save_torch_program
-
-            save_torch_program(pm, cfg.task, n_virtual, vocab, tmp / "model.pt2", names)
-            extras.append("model.pt2")
 
         block_params = {i: 0 for i in range(len(spec.layer_map))}
         for s in specs:
@@ -146,8 +185,10 @@ def export_bundle(
                 block_params=block_params,
                 params_total=int(total),
                 params_trainable=int(sum(s.numel for s in specs)),
-                opset=cfg.opset,
-                ir_version=int(train_graph.ir_version),
+                opset=opset,
+                ir_version=ir_version,
+                format=cfg.format,
+                step=step_spec,
                 dropout=cfg.dropout,
                 inference_external=external,
                 files=files,

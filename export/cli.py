@@ -61,13 +61,15 @@ def export_command(
                                              "uniformly chosen frozen middle blocks (e.g. 2,0,2)."),
     max_length: int = typer.Option(64, "--max-length", help="Token sequence length on the device."),
     quantize: bool = typer.Option(False, "--quantize", help="Also write an int8 inference graph."),
-    torch_program: bool = typer.Option(False, "--torch-program",
-                                       help="Also write model.pt2 for the torch device backend."),
+    fmt: str = typer.Option("step", "--format",
+                            help="step (default: one standard ONNX graph per training step, plain onnxruntime "
+                                 "trains it) or ort-training (ONNX Runtime training artifacts; needs "
+                                 "onnxruntime-training in this environment)."),
     seed: int = typer.Option(0, "--seed", help="Seed for new weights (head, LoRA A)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
-    """Export a Hugging Face model to a device bundle (emulator + PEFT + ONNX Runtime training artifacts)."""
+    """Export a Hugging Face model to a device bundle (emulator + PEFT + ONNX training step graph)."""
     con = Console(stderr=True)
     try:
         from export.api import export_bundle
@@ -79,7 +81,7 @@ def export_command(
                     lora_alpha=lora_alpha, lora_targets=_strs(lora_targets), lora_ranks=ranks,
                     dropout=dropout, lora_dropout=lora_dropout,
                     num_virtual_tokens=prompt_tokens, trainable_blocks=_ints(trainable_blocks, "--trainable-blocks"),
-                    emulator=emu, max_length=max_length, quantize_inference=quantize, torch_program=torch_program,
+                    emulator=emu, max_length=max_length, quantize_inference=quantize, format=fmt,
                     seed=seed)
         if rank_schedule is not None:
             if ranks is not None:

@@ -48,8 +48,9 @@ class ExportConfig(BaseModel):
     opset: int = 17
     seed: int = 0
     quantize_inference: bool = False
-    #: also write ``model.pt2`` (torch.export program of the same forward) for the torch device backend
-    torch_program: bool = False
+    #: ``step``: one standard ONNX graph per training step (plain onnxruntime trains it, the default);
+    #: ``ort-training``: ONNX Runtime training artifacts, for runtimes with the training API
+    format: Literal["step", "ort-training"] = "step"
 
     @field_validator("emulator", mode="before")
     @classmethod
@@ -82,10 +83,6 @@ class ExportConfig(BaseModel):
                               "are exported without dropout unless asked): add --dropout or drop --lora-dropout")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ExportError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
-        if self.dropout and self.torch_program:
-            raise ExportError("--torch-program exports the forward without dropout, so the torch backend could not "
-                              "train this bundle as ONNX Runtime does: export with --dropout or with --torch-program, "
-                              "not both")
         if self.max_length <= 1:
             raise ExportError(f"--max-length must be > 1 (got {self.max_length})")
         if self.task == "seq-cls":

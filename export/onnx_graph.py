@@ -218,6 +218,10 @@ def strip_weights(model: onnx.ModelProto, available: dict[str, tuple[int, ...]])
     from onnx.external_data_helper import set_external_data
 
     stripped = []
+    consumed = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    unused = [t for t in model.graph.initializer if t.name not in consumed]
+    for t in unused:  # ONNX Runtime drops these before it looks for external initializers
+        model.graph.initializer.remove(t)
     for t in model.graph.initializer:
         if t.data_type != onnx.TensorProto.FLOAT or available.get(t.name) != tuple(t.dims):
             continue
@@ -228,5 +232,19 @@ def strip_weights(model: onnx.ModelProto, available: dict[str, tuple[int, ...]])
     return stripped
 
 
-def initializer_names(model: onnx.ModelProto) -> list[str]:
-    return [t.name for t in model.graph.initializer]
+def initializers_to_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """Turn the named initializers (the trainable tensors) into graph inputs, in ``names`` order, so a
+    device feeds its current values to the eval graph at every call."""
+    from onnx import helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    missing = [n for n in names if n not in inits]
+    if missing:
+        raise ExportError(f"trainable tensor {missing[0]!r} is not an initializer of the eval graph")
+    wanted = set(names)
+    kept = [t for t in g.initializer if t.name not in wanted]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    g.input.extend(helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)) for n in names)
+    return model

@@ -1,4 +1,4 @@
-"""Helpers for tests that drive a bundle's ORT artifacts and compare with the torch reference."""
+"""Helpers for tests that drive a bundle's step graph and compare with the PyTorch eager reference."""
 
 from __future__ import annotations
 
@@ -12,32 +12,63 @@ from tests._models import read_sst2, tokenize
 
 
 class OrtTrainer:
-    """The bundle's artifacts through onnxruntime.training.api (the same API the device uses)."""
+    """A step-graph bundle trained through the device runtime's backend (plain onnxruntime)."""
 
     def __init__(self, bundle: Path, lr: float = 1e-3):
-        import onnxruntime
-        from onnxruntime.training import api
+        from device_runtime.backends import make_backend
+        from device_runtime.bundle.load import load_bundle
 
-        onnxruntime.set_default_logger_severity(3)
-        self.state = api.CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
-        self.module = api.Module(str(bundle / "training_model.onnx"), self.state, str(bundle / "eval_model.onnx"))
-        self.optimizer = api.Optimizer(str(bundle / "optimizer_model.onnx"), self.module)
-        self.optimizer.set_learning_rate(lr)
+        self.backend = make_backend(load_bundle(bundle))
+        self.lr = lr
+        self.t = 0
 
     def step(self, ids, mask, labels) -> float:
-        self.module.train()
-        loss, _ = self.module(ids, mask, labels)
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
-        return float(loss)
+        loss = self.backend.train_step({"input_ids": ids, "attention_mask": mask, "labels": labels}, self.lr,
+                                       self.t, 0)
+        self.t += 1
+        return loss
 
     def eval_logits(self, ids, mask, labels) -> tuple[float, np.ndarray]:
-        self.module.eval()
-        loss, logits = self.module(ids, mask, labels)
-        return float(loss), np.asarray(logits)
+        return self.backend.eval_batch({"input_ids": ids, "attention_mask": mask, "labels": labels})
 
     def tensors(self, names: list[str]) -> dict[str, np.ndarray]:
-        return {n: np.array(self.state.parameters[n].data) for n in names}
+        got = self.backend.get_tensors()
+        return {n: got[n] for n in names}
+
+
+class EagerTrainer:
+    """The PyTorch eager reference of a step: the PEFT model's training forward, autograd, and the
+    kit's AdamW (``export.step_graph.adamw_update``), on the same batches."""
+
+    def __init__(self, model: torch.nn.Module, manifest: Manifest, lr: float = 1e-3):
+        from export.onnx_graph import TrainingForward
+
+        self.names = manifest.trainable_names
+        self.params = dict(model.named_parameters())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n in self.names:
+            self.params[n].requires_grad_(True)
+        self.forward = TrainingForward(model, manifest.task, manifest.peft.num_virtual_tokens).eval()
+        self.m = {n: torch.zeros_like(self.params[n]) for n in self.names}
+        self.v = {n: torch.zeros_like(self.params[n]) for n in self.names}
+        self.lr, self.t = lr, 0
+
+    def step(self, ids, mask, labels) -> float:
+        from export.step_graph import adamw_update
+
+        self.t += 1
+        loss, _ = self.forward(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (ids, mask, labels)))
+        grads = torch.autograd.grad(loss, [self.params[n] for n in self.names])
+        with torch.no_grad():
+            for n, g in zip(self.names, grads, strict=True):
+                p, self.m[n], self.v[n] = adamw_update(self.params[n], g, self.m[n], self.v[n],
+                                                       torch.tensor(self.lr), torch.tensor(float(self.t)))
+                self.params[n].copy_(p)
+        return float(loss.detach())
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {n: self.params[n].detach().numpy().copy() for n in self.names}
 
 
 def batches(manifest: Manifest, tokenizer_json: str, n_batches: int, batch: int = 8, seed: int = 0):

@@ -53,7 +53,45 @@ def _graph_io_problems(root: Path, m: Manifest) -> list[str]:
     return problems
 
 
+def _step_problems(root: Path, m: Manifest) -> list[str]:
+    """Load the step and eval graphs with the bundle's weights and train one step on a copy of the state."""
+    from device_runtime.bundle.load import Bundle
+    from device_runtime.step_backend import StepBackend
+    from device_runtime.weights import bundle_weights
+
+    bundle = Bundle(root=root, manifest=m)
+    try:
+        weights = bundle_weights(bundle)
+    except DeviceError as exc:
+        return [str(exc)]
+    problems = []
+    for name in m.trainable_names:
+        if name not in weights:
+            problems.append(f"weights.safetensors: trainable tensor '{name}' listed in the manifest is absent")
+        elif tuple(weights[name].shape) != tuple(m.tensor(name).shape):
+            problems.append(f"weights.safetensors: tensor '{name}' has shape {tuple(weights[name].shape)}, the "
+                            f"manifest says {tuple(m.tensor(name).shape)}")
+    if problems:
+        return problems
+    ids, mask, labels = _dummy_batch(m)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    try:
+        backend = StepBackend(bundle)
+        backend.eval_batch(batch)
+        loss = backend.train_step(batch, 1e-4, 0, 0)
+    except DeviceError as exc:
+        return [str(exc)]
+    except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeErrors/Fail
+        return [f"{m.step.train_graph if m.step else 'step.onnx'}: one training step failed "
+                f"({str(exc).splitlines()[0][:200]})"]
+    if not np.isfinite(loss):
+        problems.append("step.onnx: one training step gave a non-finite loss")
+    return problems
+
+
 def _training_problems(root: Path, m: Manifest) -> list[str]:
+    if m.format == "step":
+        return _step_problems(root, m)
     from device_runtime.ort_training import load_training_api
 
     api = load_training_api()

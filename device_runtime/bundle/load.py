@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_runtime.bundle.manifest import Manifest
+from device_runtime.bundle.manifest import WEIGHTS_FILE, Manifest
 from device_runtime.bundle.verify import read_manifest, verify_bundle
 
 
@@ -29,6 +29,10 @@ class Bundle:
     @property
     def checkpoint(self) -> Path:
         return self.root / "checkpoint"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / WEIGHTS_FILE
 
     @property
     def inference_model(self) -> Path:

@@ -13,18 +13,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+#: 2: step-graph bundles (one standard ONNX graph per training step, weights in safetensors) and the
+#: optional ``ort-training`` format; 1 (ONNX Runtime training artifacts only) is refused
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+STEP_GRAPH = "step.onnx"
+EVAL_GRAPH = "eval.onnx"
 
-#: Files every bundle has (besides the manifest itself); ``files`` in the manifest hashes all of them.
-BUNDLE_FILES = (
-    "training_model.onnx",
-    "eval_model.onnx",
-    "optimizer_model.onnx",
-    "checkpoint",
-    "inference.onnx",
-    "tokenizer.json",
-)
+BundleFormat = Literal["step", "ort-training"]
+
+#: Files every bundle of a format has (besides the manifest); ``files`` in the manifest hashes all of them.
+FORMAT_FILES: dict[str, tuple[str, ...]] = {
+    "step": (STEP_GRAPH, EVAL_GRAPH, WEIGHTS_FILE, "inference.onnx", "tokenizer.json"),
+    "ort-training": ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
+                     "inference.onnx", "tokenizer.json"),
+}
+BUNDLE_FILES = FORMAT_FILES["step"]
 
 Task = Literal["seq-cls", "causal-lm"]
 PeftMethod = Literal["lora", "prompt", "head", "lora+prompt", "lora+head", "prompt+head", "lora+prompt+head"]
@@ -96,8 +101,22 @@ class PeftSpec(_Strict):
     peft_config: dict = Field(default_factory=dict)
 
 
+class StepSpec(_Strict):
+    """The step-graph format's graphs (contract: ``device_runtime/step_contract.py``)."""
+
+    #: one whole optimizer step: (batch, lr, step, tensors, moments) -> (loss, new tensors, new moments)
+    train_graph: str = STEP_GRAPH
+    #: (batch, trainable tensors) -> (loss, logits)
+    eval_graph: str = EVAL_GRAPH
+    #: graph file -> the frozen weights it declares external, given from ``weights.safetensors``
+    external: dict[str, list[str]] = Field(default_factory=dict)
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
+    #: ``step`` (default: plain onnxruntime trains it) or ``ort-training`` (ONNX Runtime training artifacts)
+    format: BundleFormat = "step"
+    step: StepSpec | None = None
     kit_version: str
     created_utc: str
     source_model: str
@@ -131,18 +150,34 @@ class Manifest(_Strict):
     inference_external: list[str] = Field(default_factory=list)
     #: relative file name -> sha256 hex of every file in the bundle except the manifest
     files: dict[str, str]
-    #: optional extra artifacts (e.g. ``inference.int8.onnx``, ``model.pt2``)
+    #: optional extra artifacts (e.g. ``inference.int8.onnx``, ...)
     extras: list[str] = Field(default_factory=list)
 
     @field_validator("schema_version")
     @classmethod
     def _known_schema(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError(
+                "bundle schema version 1 (ONNX Runtime training artifacts, deftkit <= 0.1) is not read by this "
+                f"kit (expects {SCHEMA_VERSION}); re-export it with `deft export` (step graph), or "
+                "`deft export --format ort-training` for the training-API format"
+            )
         if v != SCHEMA_VERSION:
             raise ValueError(
                 f"bundle schema version {v} is not supported by this kit (expects {SCHEMA_VERSION}); "
                 "re-export the bundle with a matching deftkit version"
             )
         return v
+
+    @model_validator(mode="after")
+    def _format_parts(self) -> "Manifest":
+        if self.format == "step" and self.step is None:
+            raise ValueError("a step-graph bundle needs its step section")
+        return self
+
+    @property
+    def required_files(self) -> tuple[str, ...]:
+        return FORMAT_FILES[self.format]
 
     @property
     def trainable_names(self) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from device_runtime.bundle.files import file_problems
-from device_runtime.bundle.manifest import BUNDLE_FILES, MANIFEST_NAME, Manifest
+from device_runtime.bundle.manifest import MANIFEST_NAME, Manifest
 from device_runtime.errors import BundleError
 
 
@@ -48,7 +48,7 @@ def bundle_problems(bundle_dir: str | Path, manifest: Manifest | None = None) ->
     root = Path(bundle_dir)
     man = manifest if manifest is not None else read_manifest(root)
     problems = [f"{name}: the manifest does not list this required file"
-                for name in BUNDLE_FILES if name not in man.files]
+                for name in man.required_files if name not in man.files]
     problems += file_problems(root, man.files)
     return problems
 

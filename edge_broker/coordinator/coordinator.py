@@ -22,7 +22,7 @@ import numpy as np
 from device_runtime.bundle.load import load_bundle
 from device_runtime.errors import DeviceError
 from device_runtime.protocol import Envelope, ProtocolError, Task, Topics, make_ack, to_envelope
-from device_runtime.state import read_checkpoint_tensors
+from device_runtime.weights import initial_tensors
 from edge_broker.aggregation import get_strategy
 from edge_broker.coordinator.bundle_server import BundleServer
 from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
@@ -244,7 +244,7 @@ class Coordinator:
     def _initial_global(self) -> tuple[int, dict[str, np.ndarray]]:
         got = self.store.load_global()
         if got is None:
-            tensors = read_checkpoint_tensors(self.bundle)
+            tensors = initial_tensors(self.bundle)
             self.store.save_global(0, tensors)
             return 0, tensors
         return got

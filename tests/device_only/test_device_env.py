@@ -24,6 +24,11 @@ def test_host_packages_are_not_installed():
     assert present == [], f"the device environment has host packages installed: {present}"
     with pytest.raises(ImportError):
         import torch  # noqa: F401
+    with pytest.raises(ImportError):
+        import onnxruntime.training  # noqa: F401  (plain onnxruntime: no training build)
+    import onnxruntime
+
+    assert tuple(int(x) for x in onnxruntime.__version__.split(".")[:2]) >= (1, 20)
 
 
 def _newly_imported(before: set[str], names=(*HOST_ONLY, "onnx")) -> list[str]:

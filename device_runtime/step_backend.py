@@ -1,0 +1,211 @@
+"""The default training backend: the bundle's step graph on the plain ``onnxruntime`` package.
+
+One ``session.run`` is one optimizer step (forward, loss, backward, AdamW; see
+``export/step_graph.py``). The trainable tensors and their AdamW moments live here as numpy arrays
+that ONNX Runtime reads and writes in place through IO binding: two sets of buffers, the step reads
+one and writes the other, then they swap, so the state is never copied between steps. The frozen
+weights are read once from ``weights.safetensors`` and handed to every session of the bundle (step
+and eval) as the same buffers.
+
+Session options, and why (bench/device_bench.py measures them side by side):
+- no intra-op spinning: a device shares its few cores with the MQTT agent and the tokenizer, and
+  spinning threads steal the CPU the next kernel needs (2x slower steps on a loaded 2-core machine);
+- no memory-pattern planning: batches change shape (padding to the longest row), so the planned
+  arena is rebuilt and kept per shape; off, the step graph's peak RSS drops (measured in the bench);
+- everything else (graph optimisation level, threads = cores) stays at ONNX Runtime's defaults.
+
+Checkpoints are safetensors files (parameters, moments, step), never pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from device_runtime.bundle.load import Bundle
+from device_runtime.errors import BackendUnavailable, BundleError, StateError
+from device_runtime.step_contract import ADAM_M, ADAM_V, NEW, STEP_LR, STEP_T
+from device_runtime.weights import bundle_weights
+
+CHECKPOINT_FORMAT = "deftkit-step-checkpoint"
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed; install the device extra "
+                                 "(pip install 'deftkit[device]')") from None
+    onnxruntime.set_default_logger_severity(3)
+    return onnxruntime
+
+
+def session_options(threads: int | None = None):
+    """The kit's ONNX Runtime session options (see the module docstring for why)."""
+    ort = _onnxruntime()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    return opts
+
+
+class StepBackend:
+    """Trains a step-graph bundle; the same surface as the ORT-training backend."""
+
+    name = "ort"
+
+    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None, threads: int | None = None):
+        self._ort = _onnxruntime()
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self._threads = threads
+        names = self.manifest.trainable_names
+        self._names = names
+        weights = bundle_weights(bundle)
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise BundleError(f"{bundle.root}: weights have no tensor {missing[0]!r} that the manifest lists as "
+                              "trainable; re-export the bundle")
+        self._frozen: dict[str, np.ndarray] = {k: v for k, v in weights.items() if k not in set(names)}
+        # two buffer sets: [params..., m..., v...]; the step reads ``cur`` and writes the other
+        self._bufs = [self._zeros_state(), self._zeros_state()]
+        self._cur = 0
+        for n in names:
+            np.copyto(self._bufs[0][n], weights[n])
+        self._t = 0
+        self._sessions: dict[str, object] = {}
+        if checkpoint is not None:
+            self._load(Path(checkpoint))
+
+    def _zeros_state(self) -> dict[str, np.ndarray]:
+        shapes = {t.name: tuple(t.shape) for t in self.manifest.trainable}
+        out = {}
+        for prefix in ("", ADAM_M, ADAM_V):
+            for n in self._names:
+                out[prefix + n] = np.zeros(shapes[n], dtype=np.float32)
+        return out
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def _session(self, graph: str):
+        """A session on ``graph`` with the frozen weights it declares external, created once."""
+        if graph not in self._sessions:
+            opts = session_options(self._threads)
+            path = self.bundle.path(graph)
+            external = self.manifest.step.external.get(graph, [])
+            absent = [n for n in external if n not in self._frozen]
+            if absent:
+                raise BundleError(f"{path}: takes weight {absent[0]!r} that weights.safetensors does not hold; "
+                                  "re-export the bundle")
+            if external:
+                values = [self._ort.OrtValue.ortvalue_from_numpy(self._frozen[n]) for n in external]
+                opts.add_external_initializers(list(external), values)
+            try:
+                sess = self._ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeErrors
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise BundleError(f"ONNX Runtime could not load {path} ({first[:300]}); verify the bundle with "
+                                  "`deft bundle verify` or re-export it") from None
+            self._sessions[graph] = sess
+        return self._sessions[graph]
+
+    # -- training ---------------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, np.ndarray], lr: float, step: int, seed: int) -> float:
+        """One optimizer step; randomness (dropout) is seeded by (seed, step) so a resumed run repeats it."""
+        ort = self._ort
+        if self.manifest.dropout:
+            ort.set_seed(int(seed * 1_000_003 + step) % (2 ** 31))
+        sess = self._session(self.manifest.step.train_graph)
+        cur, nxt = self._bufs[self._cur], self._bufs[1 - self._cur]
+        self._t += 1
+        io = sess.io_binding()
+        for key in ("input_ids", "attention_mask", "labels"):
+            io.bind_cpu_input(key, np.ascontiguousarray(batch[key], dtype=np.int64))
+        io.bind_cpu_input(STEP_LR, np.asarray(lr, dtype=np.float32))
+        io.bind_cpu_input(STEP_T, np.asarray(self._t, dtype=np.float32))
+        for key, arr in cur.items():
+            io.bind_cpu_input(key, arr)
+        for key, arr in nxt.items():
+            io.bind_output(NEW + key, "cpu", 0, np.float32, arr.shape, arr.ctypes.data)
+        io.bind_output("loss")
+        sess.run_with_iobinding(io)
+        self._cur = 1 - self._cur
+        return float(io.get_outputs()[-1].numpy())
+
+    def _params(self) -> dict[str, np.ndarray]:
+        cur = self._bufs[self._cur]
+        return {n: cur[n] for n in self._names}
+
+    def eval_batch(self, batch: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        """(loss, logits) of the eval graph with the current tensors."""
+        sess = self._session(self.manifest.step.eval_graph)
+        feeds = {k: np.ascontiguousarray(batch[k], dtype=np.int64) for k in ("input_ids", "attention_mask", "labels")}
+        feeds |= self._params()
+        loss, logits = sess.run(["loss", "logits"], feeds)
+        return float(loss), np.asarray(logits)
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits without labels (the eval graph takes a label input: give it a neutral one)."""
+        b = dict(batch)
+        ids = b["input_ids"]
+        if self.manifest.task == "seq-cls":
+            b["labels"] = np.zeros(ids.shape[0], dtype=np.int64)
+        else:
+            b["labels"] = np.where(b["attention_mask"] == 1, ids, -100).astype(np.int64)
+        return self.eval_batch(b)[1]
+
+    # -- tensors ----------------------------------------------------------------------------------
+    def get_tensors(self) -> dict[str, np.ndarray]:
+        """The trainable tensors, by manifest name (copies)."""
+        return {n: a.copy() for n, a in self._params().items()}
+
+    def set_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Overwrite trainable tensors in place (already validated by ``state.check_tensors``)."""
+        cur = self._bufs[self._cur]
+        for n, v in tensors.items():
+            np.copyto(cur[n], np.asarray(v, dtype=np.float32))
+
+    def set_frozen(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Overwrite frozen weights, e.g. the LoRA tensors of blocks another device trains this round, so
+        the forward pass uses the current global state; the sessions are rebuilt with them."""
+        for n, v in tensors.items():
+            if n not in self._frozen:
+                raise StateError(f"tensor {n!r} is not a frozen weight of this bundle; the state was made for "
+                                 "another bundle")
+            arr = np.ascontiguousarray(v, dtype=np.float32)
+            if arr.shape != self._frozen[n].shape:
+                raise StateError(f"tensor {n!r} has shape {tuple(arr.shape)}, the bundle expects "
+                                 f"{tuple(self._frozen[n].shape)}")
+            if not np.isfinite(arr).all():
+                raise StateError(f"tensor {n!r} has NaN/Inf values; refusing to load it")
+            self._frozen[n] = arr.copy()
+        self._sessions.clear()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, path: str | Path, include_optimizer_state: bool = True) -> None:
+        from safetensors.numpy import save_file
+
+        cur = self._bufs[self._cur]
+        keys = list(cur) if include_optimizer_state else self._names
+        save_file({k: cur[k] for k in keys}, str(path), metadata={"format": CHECKPOINT_FORMAT, "step": str(self._t)})
+
+    def _load(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != CHECKPOINT_FORMAT:
+                    raise BundleError(f"{path}: not a step-graph checkpoint (format {meta.get('format')!r})")
+                cur = self._bufs[self._cur]
+                for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if k not in cur:
+                        raise BundleError(f"{path}: holds tensor {k!r} that this bundle does not train")
+                    np.copyto(cur[k], f.get_tensor(k))
+                self._t = int(meta.get("step", "0"))
+        except SafetensorError as exc:
+            raise BundleError(f"{path}: unreadable checkpoint ({exc})") from None
