@@ -2,12 +2,14 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 DEVICE_VENV ?= .venv-device
+# the aarch64 userland and wheels of `make test-arm` (built once, reused), and the host fixtures
+ARM_DIR ?= .arm
 PIP_FLAGS ?= -q --disable-pip-version-check
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device demo test test-fast test-device bench lint clean
+.PHONY: install install-device demo test test-fast test-device test-arm bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -28,13 +30,23 @@ demo: install
 
 test: install install-device
 	$(VENV)/bin/python -m pytest tests -q
-	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only -q
+	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only tests/arm -q
 
 test-fast: install
 	$(VENV)/bin/python -m pytest tests -q -m "not slow"
 
 test-device: install-device
-	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only -q
+	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only tests/arm -q
+
+# The device tests of tests/arm on an emulated aarch64 CPU (qemu-user): an arm64 Debian Python with
+# aarch64 wheels of the `device` extra runs them; the host writes what they compare against first.
+# Needs `apt-get install qemu-user-static mmdebstrap` (and mosquitto for the MQTT test).
+test-arm: install
+	DEFT_ARM_DIR=$(ARM_DIR) $(VENV)/bin/python -m tests.arm.emulator setup
+	rm -rf $(ARM_DIR)/fixtures
+	$(VENV)/bin/python -m tests.arm.make_fixtures $(ARM_DIR)/fixtures
+	DEFT_ARM_DIR=$(ARM_DIR) DEFT_ARM_FIXTURES=$(abspath $(ARM_DIR))/fixtures DEFT_EXPORT_PYTHON=$(VENV)/bin/python \
+		$(VENV)/bin/python -m tests.arm.emulator pytest tests/arm -q
 
 bench: install
 	$(VENV)/bin/python bench/export_bench.py
@@ -43,4 +55,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEVICE_VENV) $(ARM_DIR) .pytest_cache .hypothesis
