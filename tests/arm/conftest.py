@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +71,26 @@ def arm_fixture(arm_fixtures_dir: Path) -> Callable[[str], Path]:
         return arm_fixtures_dir / name
 
     return get
+
+
+@pytest.fixture
+def host_process() -> Iterator[Callable[..., subprocess.Popen]]:
+    """``host_process("-m", "deftkit.cli", "edge", "broker", ...)`` -> a host Python process (text pipes);
+    every process started is terminated (then killed) at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        p = subprocess.Popen([str(host_python()), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO, env=host_env())
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)

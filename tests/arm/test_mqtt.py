@@ -5,18 +5,15 @@ which decodes the update on x86 to the values this side decodes."""
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 
 import numpy as np
 import pytest
 
-from tests.arm.conftest import REPO, host_env, host_python
-
 PEER_TIMEOUT_S = 180
 
 
-def test_device_client_reaches_the_hosts_mosquitto(arm_fixture, tmp_path):
+def test_device_client_reaches_the_hosts_mosquitto(arm_fixture, host_process, tmp_path):
     from device_runtime.payload import decode_update, encode_update
     from device_runtime.protocol.client import DeftClient
     from device_runtime.protocol.envelope import Envelope
@@ -24,22 +21,19 @@ def test_device_client_reaches_the_hosts_mosquitto(arm_fixture, tmp_path):
     from device_runtime.protocol.topics import Topics
 
     trained = dict(np.load(arm_fixture("payload") / "trained.npz"))
-    peer = subprocess.Popen([str(host_python()), "-m", "tests.arm.host_mqtt_peer", str(tmp_path / "broker"),
-                             "--expect", "2", "--timeout", str(PEER_TIMEOUT_S)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=host_env())
-    client = None
-    try:
-        line = peer.stdout.readline()  # bounded: the peer gives up after its broker start and timeout
-        assert line, f"the host peer exited before the broker was up:\n{peer.stderr.read()[-3000:]}"
-        info = json.loads(line)
-        if "skip" in info:
-            pytest.skip(info["skip"])
-        assert info["host"] == "127.0.0.1"
-        topics = Topics(info["fleet"])
-        dev = info["device"]
-        client = DeftClient(info["host"], info["port"], client_id=f"{dev}-{uuid.uuid4().hex[:8]}", username=dev,
-                            password=info["password"], persistent_session=False,
-                            max_packet_size=info["max_packet_size"]).connect(timeout=60)
+    peer = host_process("-m", "tests.arm.host_mqtt_peer", str(tmp_path / "broker"), "--expect", "2",
+                        "--timeout", str(PEER_TIMEOUT_S))
+    line = peer.stdout.readline()  # bounded: the peer gives up after its broker start and timeout
+    assert line, f"the host peer exited before the broker was up:\n{peer.stderr.read()[-3000:]}"
+    info = json.loads(line)
+    if "skip" in info:
+        pytest.skip(info["skip"])
+    assert info["host"] == "127.0.0.1"
+    topics = Topics(info["fleet"])
+    dev = info["device"]
+    with DeftClient(info["host"], info["port"], client_id=f"{dev}-{uuid.uuid4().hex[:8]}", username=dev,
+                    password=info["password"], persistent_session=False,
+                    max_packet_size=info["max_packet_size"]).connect(timeout=60) as client:
         hello = to_envelope(Hello(kit_version="arm-proof", capabilities={"backend": "onnxruntime"}),
                             sender=dev, fleet=info["fleet"])
         blob = encode_update(trained, bundle_hash="ab" * 32, device_id=dev, round=1, samples=8, encoding="int8")
@@ -47,12 +41,6 @@ def test_device_client_reaches_the_hosts_mosquitto(arm_fixture, tmp_path):
         client.publish(topics.hello(dev), hello, timeout=60)
         client.publish(topics.update(dev, 1), update, timeout=60)
         out, err = peer.communicate(timeout=PEER_TIMEOUT_S + 30)
-    finally:
-        if client is not None:
-            client.close()
-        if peer.poll() is None:
-            peer.kill()
-            peer.wait(timeout=30)
     assert peer.returncode == 0, f"the host subscriber did not get both messages:\n{out[-2000:]}\n{err[-3000:]}"
     got = json.loads(out.strip().splitlines()[-1])["received"]
     by_type = {m["type"]: m for m in got}
