@@ -138,7 +138,7 @@ def stamp_of(*parts: object) -> str:
 
 
 def _need(tool: str, package: str) -> str:
-    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+    path = shutil.which(tool)
     if not path:
         raise SetupError(f"{tool} not found: install it with `apt-get install {package}`")
     return path

@@ -206,9 +206,6 @@ def host_info() -> dict:
 
 
 def make(out: Path, names: list[str] | None = None) -> dict:
-    unknown = sorted(set(names or []) - set(FIXTURES))
-    if unknown:
-        raise SystemExit(f"error: unknown fixture(s) {', '.join(unknown)}; known: {', '.join(FIXTURES)}")
     out.mkdir(parents=True, exist_ok=True)
     made = []
     for name in names or list(FIXTURES):
@@ -226,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print("usage: python -m tests.arm.make_fixtures OUT [NAME ...]", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args[1:]) - set(FIXTURES))
+    if unknown:
+        print(f"error: unknown fixture(s) {', '.join(unknown)}; known: {', '.join(FIXTURES)}", file=sys.stderr)
         return 2
     index = make(Path(args[0]), args[1:])
     print(f"fixtures {', '.join(index['fixtures'])} written to {args[0]}")
