@@ -3,12 +3,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 DEVICE_VENV ?= .venv-device
 ORT_TRAINING_VENV ?= .venv-ort-training
+# the aarch64 userland and wheels of `make test-arm` (built once, reused), and the host fixtures
+ARM_DIR ?= .arm
 PIP_FLAGS ?= -q --disable-pip-version-check
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training bench lint clean
+.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -41,7 +43,7 @@ demo: install
 
 test: install install-device install-ort-training
 	$(VENV)/bin/python -m pytest tests -q
-	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only -q
+	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only tests/arm -q
 	DEFT_ORT_TRAINING=1 $(ORT_TRAINING_VENV)/bin/python -m pytest tests/ort_training -q
 
 test-fast: install
@@ -51,7 +53,17 @@ test-ort-training: install-ort-training
 	DEFT_ORT_TRAINING=1 $(ORT_TRAINING_VENV)/bin/python -m pytest tests/ort_training -q
 
 test-device: install-device
-	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only -q
+	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only tests/arm -q
+
+# The device tests of tests/arm on an emulated aarch64 CPU (qemu-user): an arm64 Debian Python with
+# aarch64 wheels of the `device` extra runs them; the host writes what they compare against first.
+# Needs `apt-get install qemu-user-static mmdebstrap` (and mosquitto for the MQTT test).
+test-arm: install
+	DEFT_ARM_DIR=$(ARM_DIR) $(VENV)/bin/python -m tests.arm.emulator setup
+	rm -rf $(ARM_DIR)/fixtures
+	$(VENV)/bin/python -m tests.arm.make_fixtures $(ARM_DIR)/fixtures
+	DEFT_ARM_DIR=$(ARM_DIR) DEFT_ARM_FIXTURES=$(abspath $(ARM_DIR))/fixtures DEFT_EXPORT_PYTHON=$(VENV)/bin/python \
+		$(VENV)/bin/python -m tests.arm.emulator pytest tests/arm -q
 
 bench: install
 	$(VENV)/bin/python bench/export_bench.py
@@ -60,4 +72,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) .pytest_cache .hypothesis
