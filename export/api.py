@@ -28,6 +28,7 @@ from device_runtime.bundle.manifest import (
 from export import onnx_graph
 from export import step_graph as step_graph_mod
 from export.architectures import Architecture, architecture_for
+from device_runtime.weights import safetensors_offsets
 from export.bundle_writer import check_destination, finalize, staging_dir
 from export.config import ExportConfig
 from export.emulator import apply_emulator, full_spec, select_layers
@@ -133,9 +134,11 @@ def export_bundle(
             weights = weight_arrays(pm)
             save_safetensors(weights, str(tmp / WEIGHTS_FILE))
             shapes = {k: tuple(v.shape) for k, v in weights.items()}
+            locate = {k: (WEIGHTS_FILE, off, length)
+                      for k, (off, length) in safetensors_offsets(tmp / WEIGHTS_FILE).items()}
             step_spec = StepSpec(external={
-                STEP_GRAPH: onnx_graph.strip_weights(step_graph, shapes),
-                EVAL_GRAPH: onnx_graph.strip_weights(eval_graph, shapes)})
+                STEP_GRAPH: onnx_graph.strip_weights(step_graph, shapes, locate),
+                EVAL_GRAPH: onnx_graph.strip_weights(eval_graph, shapes, locate)})
             onnx.save(step_graph, str(tmp / STEP_GRAPH))
             onnx.save(eval_graph, str(tmp / EVAL_GRAPH))
         else:
@@ -144,6 +147,7 @@ def export_bundle(
 
             training_artifacts.generate(train_graph, names, tmp)
             shapes = training_artifacts.checkpoint_shapes(tmp / "checkpoint")
+            locate = None
         (tmp / "tokenizer.json").write_text(tok)
         extras: list[str] = []
         if cfg.quantize_inference:
@@ -155,7 +159,7 @@ def export_bundle(
                 quantize_int8(Path(full) / "inference.onnx", tmp / "inference.int8.onnx")
             extras.append("inference.int8.onnx")
         # the inference graph takes its weights from the bundle's weights at load time: shipped once, not twice
-        external = onnx_graph.strip_weights(infer_graph, shapes)
+        external = onnx_graph.strip_weights(infer_graph, shapes, locate)
         onnx.save(infer_graph, str(tmp / "inference.onnx"))
 
         block_params = {i: 0 for i in range(len(spec.layer_map))}

@@ -203,29 +203,37 @@ def prepare_graph(model: onnx.ModelProto, expected: list[str]) -> onnx.ModelProt
     return model
 
 
-#: where a weightless inference graph's initializers "live": a file that never exists, so loading the
-#: graph on its own fails loudly instead of reading bytes from somewhere else; the device runtime
-#: supplies these tensors from the bundle's checkpoint (``device_runtime.inference``)
+#: where an ``ort-training`` bundle's weightless inference graph's initializers "live": a file that
+#: never exists, so loading the graph on its own fails loudly instead of reading bytes from somewhere
+#: else; the device runtime supplies these tensors from the checkpoint (``device_runtime.inference``)
 EXTERNAL_LOCATION = "__weights_from_checkpoint__"
 
 
-def strip_weights(model: onnx.ModelProto, available: dict[str, tuple[int, ...]]) -> list[str]:
-    """Drop the bytes of every float32 initializer the checkpoint holds with the same shape
-    (``available``: name -> shape) and declare it external data at :data:`EXTERNAL_LOCATION`.
+def strip_weights(model: onnx.ModelProto, available: dict[str, tuple[int, ...]],
+                  locate: dict[str, tuple[str, int, int]] | None = None) -> list[str]:
+    """Drop the bytes of every float32 initializer the bundle's weights hold with the same shape
+    (``available``: name -> shape) and declare it external data: at ``locate[name]`` = (file, offset,
+    length), the tensor's own bytes inside ``weights.safetensors``, so ONNX Runtime reads it from there;
+    without ``locate`` at :data:`EXTERNAL_LOCATION` (supplied at load time).
 
-    The bundle then carries the model's weights once (in the checkpoint), not twice. Returns the
-    names stripped, in graph order; anything else (constants, other dtypes) keeps its bytes."""
+    The bundle then carries the model's weights once, not once per graph. Returns the names stripped,
+    in graph order; anything else (constants, other dtypes) keeps its bytes. Initializers no node uses
+    are dropped (ONNX Runtime drops them before it looks for external initializers)."""
     from onnx.external_data_helper import set_external_data
 
     stripped = []
     consumed = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
     unused = [t for t in model.graph.initializer if t.name not in consumed]
-    for t in unused:  # ONNX Runtime drops these before it looks for external initializers
+    for t in unused:
         model.graph.initializer.remove(t)
     for t in model.graph.initializer:
         if t.data_type != onnx.TensorProto.FLOAT or available.get(t.name) != tuple(t.dims):
             continue
-        set_external_data(t, location=EXTERNAL_LOCATION)
+        if locate is None:
+            set_external_data(t, location=EXTERNAL_LOCATION)
+        else:
+            where, offset, length = locate[t.name]
+            set_external_data(t, location=where, offset=offset, length=length)
         t.ClearField("raw_data")
         t.ClearField("float_data")
         stripped.append(t.name)

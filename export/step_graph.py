@@ -24,6 +24,7 @@ data-dependent guard in transformers' mask code (the loader already asks for eag
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -135,7 +136,7 @@ def export_step_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int
     model.train(dropout)
     try:
         with _quiet(), traceable_masks(), torch.enable_grad():
-            gm = make_fx(fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(*example)
+            gm = make_fx(torch.func.functionalize(fn, remove="mutations_and_views") if os.environ.get("DEFT_FUNC") else fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(*example)
     finally:
         model.train(was_training)
 
@@ -146,7 +147,7 @@ def export_step_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int
     dynamic_shapes = tuple(dyn.get(name) for name in in_names)
     with _quiet():
         prog = torch.onnx.export(gm, example, dynamo=True, opset_version=max(opset, 18), input_names=in_names,
-                                 output_names=out_names, dynamic_shapes=dynamic_shapes, optimize=True,
+                                 output_names=out_names, dynamic_shapes=dynamic_shapes, optimize=os.environ.get("DEFT_NOOPT") is None,
                                  verbose=False, report=False)
     proto = prog.model_proto
     return _frozen_inputs_to_initializers(proto, {k: frozen_vals[k] for k in frozen})

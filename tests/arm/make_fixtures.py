@@ -205,6 +205,45 @@ def host_info() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
+# ------------------------------------------------------------------------------------------ step graph
+
+#: the batches both sides train on: (input_ids, attention_mask, labels), seeded
+STEP_BATCHES, STEP_BATCH, STEP_SEQ, STEP_LR = 4, 4, 12, 1e-2
+
+
+def step_batches(n: int = STEP_BATCHES) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(1000, 2000, (STEP_BATCH, STEP_SEQ)).astype(np.int64)
+        mask = np.ones_like(ids)
+        mask[-1, STEP_SEQ // 2:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask,
+                    "labels": (np.arange(STEP_BATCH) % 2).astype(np.int64)})
+    return out
+
+
+def train_losses(bundle: Path) -> list[float]:
+    """The losses of ``STEP_BATCHES`` steps of the step graph on ``step_batches()`` (device runtime)."""
+    from device_runtime.backends import make_backend
+    from device_runtime.bundle.load import load_bundle
+
+    backend = make_backend(load_bundle(bundle))
+    return [backend.train_step(b, STEP_LR, i, 0) for i, b in enumerate(step_batches())]
+
+
+@fixture("step_bundle")
+def _step_bundle(out: Path) -> None:
+    """A tiny BERT step-graph bundle exported here (x86, torch) and its x86 losses."""
+    from export import export_bundle
+    from tests._models import make_tiny_model
+
+    model = make_tiny_model("bert", out / "model")
+    export_bundle(str(model), out / "bundle", task="seq-cls", labels=["negative", "positive"], max_length=32)
+    shutil.rmtree(out / "model")
+    (out / "losses.json").write_text(json.dumps({"machine": platform.machine(), "losses": train_losses(out / "bundle")}))
+
+
 def make(out: Path, names: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     made = []
