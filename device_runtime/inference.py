@@ -33,6 +33,11 @@ def inference_session(root: str | Path, manifest: Manifest, tensors: Mapping[str
     if threads:
         opts.intra_op_num_threads = threads
     names = list(manifest.inference_external)
+    if manifest.format == "step":  # ONNX Runtime reads the graph's weights from weights.safetensors itself
+        names = [n for n in names if n in (tensors or {})]
+        unknown = sorted(set(tensors or {}) - set(manifest.inference_external))
+        if unknown:
+            raise BundleError(f"tensor {unknown[0]!r} is not a weight of this bundle's inference graph")
     values = (named_arrays(root, manifest, names, needed_by="that inference.onnx takes from it",
                            error=BundleError) if names else {})
     for name, arr in (tensors or {}).items():

@@ -3,9 +3,9 @@
 One ``session.run`` is one optimizer step (forward, loss, backward, AdamW; see
 ``export/step_graph.py``). The trainable tensors and their AdamW moments live here as numpy arrays
 that ONNX Runtime reads and writes in place through IO binding: two sets of buffers, the step reads
-one and writes the other, then they swap, so the state is never copied between steps. The frozen
-weights are read once from ``weights.safetensors`` and handed to every session of the bundle (step
-and eval) as the same buffers.
+one and writes the other, then they swap, so the state is never copied between steps. ONNX Runtime
+reads the frozen weights itself from ``weights.safetensors`` (the graphs point at each tensor's bytes
+there); only weights replaced at run time (``set_frozen``) are handed over from here.
 
 Session options, and why (bench/device_bench.py measures them side by side):
 - no intra-op spinning: a device shares its few cores with the MQTT agent and the tokenizer, and
@@ -27,7 +27,7 @@ import numpy as np
 from device_runtime.bundle.load import Bundle
 from device_runtime.errors import BackendUnavailable, BundleError, StateError
 from device_runtime.step_contract import ADAM_M, ADAM_V, NEW, STEP_LR, STEP_T
-from device_runtime.weights import bundle_weights
+from device_runtime.weights import initial_tensors, weight_shapes
 
 CHECKPOINT_FORMAT = "deftkit-step-checkpoint"
 
@@ -66,12 +66,10 @@ class StepBackend:
         self._threads = threads
         names = self.manifest.trainable_names
         self._names = names
-        weights = bundle_weights(bundle)
-        missing = [n for n in names if n not in weights]
-        if missing:
-            raise BundleError(f"{bundle.root}: weights have no tensor {missing[0]!r} that the manifest lists as "
-                              "trainable; re-export the bundle")
-        self._frozen: dict[str, np.ndarray] = {k: v for k, v in weights.items() if k not in set(names)}
+        weights = initial_tensors(bundle)
+        #: frozen weights replaced at run time (``set_frozen``); the rest ONNX Runtime reads from the file
+        self._frozen: dict[str, np.ndarray] = {}
+        self._frozen_shapes = {k: v for k, v in weight_shapes(bundle).items() if k not in set(names)}
         # two buffer sets: [params..., m..., v...]; the step reads ``cur`` and writes the other
         self._bufs = [self._zeros_state(), self._zeros_state()]
         self._cur = 0
@@ -96,14 +94,10 @@ class StepBackend:
         if graph not in self._sessions:
             opts = session_options(self._threads)
             path = self.bundle.path(graph)
-            external = self.manifest.step.external.get(graph, [])
-            absent = [n for n in external if n not in self._frozen]
-            if absent:
-                raise BundleError(f"{path}: takes weight {absent[0]!r} that weights.safetensors does not hold; "
-                                  "re-export the bundle")
-            if external:
-                values = [self._ort.OrtValue.ortvalue_from_numpy(self._frozen[n]) for n in external]
-                opts.add_external_initializers(list(external), values)
+            replaced = [n for n in self.manifest.step.external.get(graph, []) if n in self._frozen]
+            if replaced:
+                values = [self._ort.OrtValue.ortvalue_from_numpy(self._frozen[n]) for n in replaced]
+                opts.add_external_initializers(replaced, values)
             try:
                 sess = self._ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeErrors
@@ -173,13 +167,13 @@ class StepBackend:
         """Overwrite frozen weights, e.g. the LoRA tensors of blocks another device trains this round, so
         the forward pass uses the current global state; the sessions are rebuilt with them."""
         for n, v in tensors.items():
-            if n not in self._frozen:
+            if n not in self._frozen_shapes:
                 raise StateError(f"tensor {n!r} is not a frozen weight of this bundle; the state was made for "
                                  "another bundle")
             arr = np.ascontiguousarray(v, dtype=np.float32)
-            if arr.shape != self._frozen[n].shape:
+            if arr.shape != self._frozen_shapes[n]:
                 raise StateError(f"tensor {n!r} has shape {tuple(arr.shape)}, the bundle expects "
-                                 f"{tuple(self._frozen[n].shape)}")
+                                 f"{self._frozen_shapes[n]}")
             if not np.isfinite(arr).all():
                 raise StateError(f"tensor {n!r} has NaN/Inf values; refusing to load it")
             self._frozen[n] = arr.copy()

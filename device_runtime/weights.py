@@ -1,14 +1,16 @@
 """A bundle's weights, read without torch: ``weights.safetensors`` for step-graph bundles, the ONNX
 Runtime checkpoint for ``ort-training`` bundles.
 
-Every graph of a bundle declares the weights it needs as external data and is given them from here
-(``device_runtime.inference``, the step backend), so a bundle carries each weight once. This is also
-round 0's global state at the edge, so it must be exactly what every device starts from.
+In a step-graph bundle every graph declares its weights as external data pointing at the tensor's own
+bytes inside ``weights.safetensors`` (:func:`safetensors_offsets`), so ONNX Runtime reads them from
+there and a bundle carries each weight once. The trainable tensors' initial values are also round 0's
+global state at the edge, so they must be exactly what every device starts from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +19,36 @@ from device_runtime.bundle.manifest import WEIGHTS_FILE, Manifest
 from device_runtime.errors import BundleError, DeviceError, StateError
 
 
-def _read(root: Path, manifest: Manifest, names: Iterable[str] | None) -> dict[str, np.ndarray]:
+def safetensors_offsets(path: str | Path) -> dict[str, tuple[int, int]]:
+    """name -> (byte offset in the file, byte length) of every tensor of a safetensors file.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON whose ``data_offsets`` count
+    from the end of the header (https://github.com/huggingface/safetensors#format). The safetensors
+    package reads tensors but does not expose where they are; ONNX external data needs exactly that."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return {k: (base + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _read(root: Path, manifest: Manifest, names: list[str] | None) -> dict[str, np.ndarray]:
     if manifest.format == "ort-training":
         from device_runtime.ort_training import load_training_api
 
         state = load_training_api().CheckpointState.load_checkpoint(str(root / "checkpoint"))
-        held = [n for n, _ in state.parameters]
+        held = {n for n, _ in state.parameters}
         return {n: np.array(state.parameters[n].data, dtype=np.float32, copy=True)
-                for n in (held if names is None else [n for n in names if n in set(held)])}
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+                for n in (held if names is None else [n for n in names if n in held])}
+    from safetensors import SafetensorError, safe_open
 
     try:
-        data = load_file(str(root / WEIGHTS_FILE))
+        with safe_open(str(root / WEIGHTS_FILE), framework="np") as f:
+            held = set(f.keys())
+            return {n: f.get_tensor(n) for n in (held if names is None else [n for n in names if n in held])}
     except (SafetensorError, OSError) as exc:
         raise BundleError(f"{root / WEIGHTS_FILE}: unreadable ({exc}); verify the bundle or re-export it") from None
-    if names is None:
-        return data
-    wanted = set(names)
-    return {k: v for k, v in data.items() if k in wanted}
 
 
 def named_arrays(root: str | Path, manifest: Manifest, names: list[str], *, needed_by: str,
@@ -52,9 +65,12 @@ def named_arrays(root: str | Path, manifest: Manifest, names: list[str], *, need
     return {n: np.ascontiguousarray(got[n], dtype=np.float32) for n in names}
 
 
-def bundle_weights(bundle) -> dict[str, np.ndarray]:
-    """Every weight of ``bundle`` (name -> array)."""
-    return _read(Path(bundle.root), bundle.manifest, None)
+def weight_shapes(bundle) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every weight of a step-graph bundle, from the safetensors header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(bundle.root) / WEIGHTS_FILE), framework="np") as f:
+        return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 - no __iter__
 
 
 def initial_tensors(bundle) -> dict[str, np.ndarray]:

@@ -45,6 +45,10 @@ from export.errors import ExportError
 from export.onnx_graph import MAX_IR_VERSION, TrainingForward, sample_inputs, traceable_masks
 
 
+#: graph-input name prefix of PEFT's soft-prompt token ids (``PeftModel.prompt_tokens``)
+PROMPT_TOKENS = "peft_prompt_tokens."
+
+
 def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                  lr: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One AdamW update, the kit's definition (ONNX Runtime's ``adam_mode=1``, Hugging Face's variant:
@@ -63,13 +67,23 @@ def make_step_fn(model: torch.nn.Module, task: str, num_virtual_tokens: int, tra
     wrapper = TrainingForward(model, task, num_virtual_tokens)
     n = len(trainable)
     prefix = "m."
+    held = [k for k in frozen if k.startswith(PROMPT_TOKENS)]
 
     def step(input_ids, attention_mask, labels, lr, t, *tensors):
         params = tensors[:n]
         ms, vs = tensors[n:2 * n], tensors[2 * n:3 * n]
         state = {prefix + k: val for k, val in zip(trainable, params, strict=True)}
-        state |= {prefix + k: val for k, val in zip(frozen, tensors[3 * n:], strict=True)}
-        loss, _ = torch.func.functional_call(wrapper, state, (input_ids, attention_mask, labels))
+        state |= {prefix + k: val for k, val in zip(frozen, tensors[3 * n:], strict=True) if k not in held}
+        # PEFT keeps soft-prompt token ids in a plain dict, not a buffer: trace them as inputs too
+        values = dict(zip(frozen, tensors[3 * n:], strict=True))
+        saved = dict(getattr(model, "prompt_tokens", {}))
+        for k in held:
+            model.prompt_tokens[k[len(PROMPT_TOKENS):]] = values[k]
+        try:
+            loss, _ = torch.func.functional_call(wrapper, state, (input_ids, attention_mask, labels))
+        finally:
+            for k, v in saved.items():
+                model.prompt_tokens[k] = v
         grads = torch.autograd.grad(loss, params)
         new_p, new_m, new_v = [], [], []
         for p, g, m, v in zip(params, grads, ms, vs, strict=True):
@@ -121,9 +135,10 @@ def export_step_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int
     missing = [n for n in trainable if n not in params]
     if missing:
         raise ExportError(f"trainable tensor {missing[0]!r} is not a parameter of the model")
-    frozen = [n for n in params if n not in set(trainable)] + list(buffers)
+    prompt_tokens = {PROMPT_TOKENS + k: v for k, v in getattr(model, "prompt_tokens", {}).items()}
+    frozen = [n for n in params if n not in set(trainable)] + list(buffers) + list(prompt_tokens)
     train_set = set(trainable)
-    frozen_vals = {**{k: v for k, v in params.items() if k not in train_set}, **buffers}
+    frozen_vals = {**{k: v for k, v in params.items() if k not in train_set}, **buffers, **prompt_tokens}
     fn = make_step_fn(model, task, num_virtual_tokens, trainable, frozen)
 
     x = sample_inputs(task, batch=2, seq=8, vocab=vocab)

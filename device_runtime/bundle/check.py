@@ -57,19 +57,19 @@ def _step_problems(root: Path, m: Manifest) -> list[str]:
     """Load the step and eval graphs with the bundle's weights and train one step on a copy of the state."""
     from device_runtime.bundle.load import Bundle
     from device_runtime.step_backend import StepBackend
-    from device_runtime.weights import bundle_weights
+    from device_runtime.weights import weight_shapes
 
     bundle = Bundle(root=root, manifest=m)
     try:
-        weights = bundle_weights(bundle)
-    except DeviceError as exc:
-        return [str(exc)]
+        shapes = weight_shapes(bundle)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        return [f"weights.safetensors: unreadable ({str(exc).splitlines()[0][:200]})"]
     problems = []
     for name in m.trainable_names:
-        if name not in weights:
+        if name not in shapes:
             problems.append(f"weights.safetensors: trainable tensor '{name}' listed in the manifest is absent")
-        elif tuple(weights[name].shape) != tuple(m.tensor(name).shape):
-            problems.append(f"weights.safetensors: tensor '{name}' has shape {tuple(weights[name].shape)}, the "
+        elif shapes[name] != tuple(m.tensor(name).shape):
+            problems.append(f"weights.safetensors: tensor '{name}' has shape {shapes[name]}, the "
                             f"manifest says {tuple(m.tensor(name).shape)}")
     if problems:
         return problems
