@@ -1,0 +1,112 @@
+"""The wheel set a device installs: the kit's own wheel plus its ``device`` extra, built on the edge.
+
+Devices need no internet and no compiler: the edge builds the kit's wheel from this source tree and
+lets pip resolve ``deftkit[device]`` for the board's platform and Python (``pip download
+--only-binary=:all: --platform ...``), so the set always follows the project's ``device`` extra.
+Sets are cached by the kit wheel's hash, platform and Python; the kit wheel is built reproducibly
+(``SOURCE_DATE_EPOCH``) so an unchanged tree gives the same set and a provision run that changes
+nothing copies nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from hardware.inventory import OS_PYTHON, Device
+
+#: board family -> CPU architecture
+_ARCH = {"rpi": "aarch64", "jetson": "aarch64", "laptop": "x86_64"}
+#: platform tags pip may pick for a manylinux board, newest first
+_TAGS = ("manylinux_2_34_{a}", "manylinux_2_28_{a}", "manylinux_2_17_{a}", "manylinux2014_{a}")
+_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip file can hold
+
+
+class WheelError(RuntimeError):
+    """The wheel set could not be built; the message has pip's last words."""
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("DEFT_CACHE") or Path.home() / ".cache" / "deftkit") / "wheels"
+
+
+def kit_source() -> Path:
+    src = Path(__file__).resolve().parents[1]
+    if not (src / "pyproject.toml").is_file():
+        raise WheelError(f"{src} is not a deftkit source tree (no pyproject.toml): provision from a clone of the kit")
+    return src
+
+
+def target_of(dev: Device) -> tuple[str, str]:
+    """(architecture, python version) of a device."""
+    arch = next((a for fam, a in _ARCH.items() if dev.board.startswith(fam)), platform.machine())
+    return arch, OS_PYTHON[dev.os]
+
+
+def _native(arch: str, py: str) -> bool:
+    return arch == platform.machine() and py == f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _pip(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    r = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+                       capture_output=True, text=True, timeout=1800, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise WheelError(f"{what} failed: {' / '.join(tail)}")
+
+
+def build_kit_wheel(out: Path, src: Path | None = None) -> Path:
+    """The kit's own (pure Python) wheel, byte-identical for an unchanged source tree."""
+    src = src or kit_source()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import setuptools  # noqa: F401  (present: build without fetching a build environment)
+
+        isolation = ["--no-build-isolation"]
+    except ImportError:
+        isolation = []
+    _pip(["wheel", "-q", "--no-deps", *isolation, "-w", str(out), str(src)], "building the kit's wheel",
+         {"SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", _EPOCH)})
+    wheels = sorted(out.glob("deftkit-*.whl"))
+    if not wheels:
+        raise WheelError(f"pip wheel {src} wrote no deftkit wheel")
+    return wheels[-1]
+
+
+def wheel_set(arch: str, py: str, *, cache: Path | None = None, log=lambda msg: None) -> Path:
+    """A directory with the kit wheel, every wheel of its ``device`` extra for (arch, py), and pip."""
+    cache = cache or default_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="deft-kit-") as tmp:
+        kit = build_kit_wheel(Path(tmp))
+        src = kit_source()
+        constraints = src / "constraints.txt"
+        key = hashlib.sha256(kit.read_bytes() + f"{arch} {py}".encode()
+                             + (constraints.read_bytes() if constraints.is_file() else b"")).hexdigest()[:16]
+        final = cache / f"{arch}-py{py}-{key}"
+        if (final / ".complete").is_file():
+            log(f"wheels for {arch} / Python {py}: cached in {final}")
+            return final
+        log(f"wheels for {arch} / Python {py}: resolving deftkit[device] into {final}")
+        work = cache / f".{final.name}.partial"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        args = ["download", "-q", "--only-binary=:all:", "-d", str(work)]
+        if constraints.is_file():
+            args += ["-c", str(constraints)]
+        if not _native(arch, py):
+            for t in _TAGS:
+                args += ["--platform", t.format(a=arch)]
+            args += ["--python-version", py, "--implementation", "cp"]
+        _pip([*args, f"{kit}[device]", "pip"], f"resolving deftkit[device] for {arch} / Python {py}")
+        shutil.copy2(kit, work / kit.name)
+        (work / ".complete").write_text("")
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
+        return final
