@@ -22,6 +22,7 @@ import yaml
 
 from hardware.inventory import Device, Inventory
 from hardware.render import device_vars
+from hardware.wheels import ARCHIVE
 
 PLAYBOOKS = Path(__file__).with_name("provisioning")
 
@@ -75,8 +76,7 @@ def host_vars(inv: Inventory, dev: Device, *, wheelhouse: Path | None = None) ->
     if wheelhouse is not None:
         names = sorted(p.name for p in wheelhouse.glob("*.whl"))
         v.update({
-            "deft_wheelhouse": str(wheelhouse),
-            "deft_wheels": names,
+            "deft_wheel_archive": str(wheelhouse / ARCHIVE),
             "deft_kit_wheel": next(n for n in names if n.startswith("deftkit-")),
             "deft_pip_wheel": next(n for n in names if n.startswith("pip-")),
         })
@@ -138,7 +138,7 @@ def run_playbook(inv: Inventory, devices: list[Device], playbook: str, *, wheelh
         runner = ansible_runner.run(
             private_data_dir=str(pdd), project_dir=str(project), playbook=playbook,
             inventory=str(pdd / "inventory" / "hosts.yml"), envvars=env, quiet=True, cmdline=cmdline or None,
-            event_handler=handler, binary=binary, limit=",".join(d.id for d in devices), json_mode=False,
+            event_handler=handler, limit=",".join(d.id for d in devices), json_mode=False,
         )
         stats = runner.stats or {}
         for host, r in results.items():

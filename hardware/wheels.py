@@ -26,6 +26,7 @@ _ARCH = {"rpi": "aarch64", "jetson": "aarch64", "laptop": "x86_64"}
 #: platform tags pip may pick for a manylinux board, newest first
 _TAGS = ("manylinux_2_34_{a}", "manylinux_2_28_{a}", "manylinux_2_17_{a}", "manylinux2014_{a}")
 _EPOCH = "315532800"  # 1980-01-01, the earliest time a zip file can hold
+ARCHIVE = "wheels.tar"
 
 
 class WheelError(RuntimeError):
@@ -79,34 +80,85 @@ def build_kit_wheel(out: Path, src: Path | None = None) -> Path:
     return wheels[-1]
 
 
+def _requires(kit: Path) -> list[str]:
+    """The kit wheel's Requires-Dist lines: what its extras (``device`` among them) resolve from."""
+    import zipfile
+
+    with zipfile.ZipFile(kit) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        text = z.read(meta).decode()
+    return sorted(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:"))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def wheel_set(arch: str, py: str, *, cache: Path | None = None, log=lambda msg: None) -> Path:
-    """A directory with the kit wheel, every wheel of its ``device`` extra for (arch, py), and pip."""
+    """A directory with the kit wheel, every wheel of its ``device`` extra for (arch, py), pip, and
+    ``wheels.tar`` holding them all. Dependencies are resolved once per (requirements, arch, py,
+    constraints); a changed kit only swaps its own wheel."""
     cache = cache or default_cache()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deft-kit-") as tmp:
         kit = build_kit_wheel(Path(tmp))
         src = kit_source()
         constraints = src / "constraints.txt"
-        key = hashlib.sha256(kit.read_bytes() + f"{arch} {py}".encode()
-                             + (constraints.read_bytes() if constraints.is_file() else b"")).hexdigest()[:16]
-        final = cache / f"{arch}-py{py}-{key}"
+        deps_key = hashlib.sha256("\n".join([*_requires(kit), arch, py]).encode()
+                                  + (constraints.read_bytes() if constraints.is_file() else b"")).hexdigest()[:16]
+        kit_key = hashlib.sha256(kit.read_bytes()).hexdigest()[:12]
+        final = cache / f"{arch}-py{py}-{deps_key}-{kit_key}"
         if (final / ".complete").is_file():
             log(f"wheels for {arch} / Python {py}: cached in {final}")
             return final
-        log(f"wheels for {arch} / Python {py}: resolving deftkit[device] into {final}")
+        deps = cache / f"deps-{arch}-py{py}-{deps_key}"
+        if not (deps / ".complete").is_file():
+            log(f"wheels for {arch} / Python {py}: resolving deftkit[device] into {deps}")
+            shutil.rmtree(deps, ignore_errors=True)
+            deps.mkdir()
+            args = ["download", "-q", "--only-binary=:all:", "-d", str(deps)]
+            if constraints.is_file():
+                args += ["-c", str(constraints)]
+            if not _native(arch, py):
+                for t in _TAGS:
+                    args += ["--platform", t.format(a=arch)]
+                args += ["--python-version", py, "--implementation", "cp"]
+            _pip([*args, f"{kit}[device]", "pip"], f"resolving deftkit[device] for {arch} / Python {py}")
+            for old in deps.glob("deftkit-*.whl"):
+                old.unlink()
+            (deps / ".complete").write_text("")
         work = cache / f".{final.name}.partial"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
-        args = ["download", "-q", "--only-binary=:all:", "-d", str(work)]
-        if constraints.is_file():
-            args += ["-c", str(constraints)]
-        if not _native(arch, py):
-            for t in _TAGS:
-                args += ["--platform", t.format(a=arch)]
-            args += ["--python-version", py, "--implementation", "cp"]
-        _pip([*args, f"{kit}[device]", "pip"], f"resolving deftkit[device] for {arch} / Python {py}")
+        for w in deps.glob("*.whl"):
+            _link_or_copy(w, work / w.name)
         shutil.copy2(kit, work / kit.name)
+        _archive(work)
         (work / ".complete").write_text("")
         shutil.rmtree(final, ignore_errors=True)
         work.rename(final)
         return final
+
+
+def _archive(d: Path) -> Path:
+    """``wheels.tar`` of the set, byte-identical for identical wheels (sorted, fixed owner and times), so
+    provisioning copies one file and only when it changed."""
+    import tarfile
+
+    out = d / ARCHIVE
+
+    def norm(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mtime = int(_EPOCH)
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(d, arcname="wheels", recursive=False, filter=norm)
+        for w in sorted(d.glob("*.whl")):
+            tar.add(w, arcname=f"wheels/{w.name}", filter=norm)
+    return out
