@@ -3,7 +3,8 @@
 The image's mapped ranges (its data, not its holes: ``SEEK_DATA``/``SEEK_HOLE``, the idea behind
 bmaptool's block maps) are written, flushed, dropped from the page cache and read back; each range's
 SHA-256 must match the image's. ``.xz`` images (how Raspberry Pi OS is published) are decompressed
-as a stream and written in full.
+as a stream and written in full. The first and last MiB of the target are zeroed first, so no old
+partition table survives in a hole.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CHUNK = 4 * 1024 * 1024
+WIPE = 1024 * 1024
 
 #: (phase, bytes done, bytes in all or 0 when unknown)
 Progress = Callable[[str, int, int], None]
@@ -169,6 +171,11 @@ def write_image(src: str | Path, dest: str | Path, *, on_progress: Progress | No
     flags = os.O_WRONLY | (0 if dest.exists() else os.O_CREAT)
     fd = os.open(dest, flags, 0o644)
     try:
+        # old partition tables must not survive in the image's holes: zero the first and last MiB
+        # (MBR/GPT, and the backup GPT at the end of the disk) before writing
+        end = os.lseek(fd, 0, os.SEEK_END)
+        for start in {0, max(0, end - WIPE)}:
+            os.pwrite(fd, bytes(min(WIPE, end - start)), start)
         for pos, block in _chunks(src):
             os.pwrite(fd, block, pos)
             digests.append((pos, len(block), hashlib.sha256(block).hexdigest()))

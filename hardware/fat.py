@@ -98,6 +98,9 @@ class FatPartition:
             self.mkdir(parent)
         self._run("mcopy", "-o", "-n", str(src), f"::/{path.strip('/')}")
 
+    def remove(self, path: str) -> None:
+        self._run("mdel", f"::/{path.strip('/')}")
+
     def remove_tree(self, path: str) -> None:
         if self.exists(path):
             self._run("mdeltree", f"::/{path.strip('/')}")

@@ -149,10 +149,17 @@ def configure_boot(inv: Inventory, dev: Device, target: str | Path, wheels: Path
         fat.write(path, data)
     for w in wheel_files:
         fat.copy_in(w, f"deft/wheels/{w.name}")
-    if dev.os == "rpios-bookworm":
-        cmdline = fat.read("cmdline.txt").decode().strip()
-        cmdline = cmdline.split(" systemd.run=")[0]  # idempotent: an older firstrun entry is replaced
-        fat.write("cmdline.txt", cmdline + _CMDLINE_RUN + "\n")
+    # a re-flash for the other OS must not leave the first one's trigger behind (only files the kit wrote)
+    mine = "firstrun.sh" if dev.os == "rpios-trixie" else "user-data"
+    if fat.exists(mine) and b"deft/firstboot.sh" in fat.read(mine):
+        for name in ("firstrun.sh",) if mine == "firstrun.sh" else ("user-data", "network-config", "meta-data"):
+            if fat.exists(name):
+                fat.remove(name)
+    cmdline = fat.read("cmdline.txt").decode().strip()
+    base = cmdline.split(" systemd.run=")[0]  # idempotent: an older firstrun entry is replaced
+    new = base + (_CMDLINE_RUN if dev.os == "rpios-bookworm" else "")
+    if new != cmdline:
+        fat.write("cmdline.txt", new + "\n")
         files["cmdline.txt"] = ""
     return sorted([*files, *(f"deft/wheels/{w.name}" for w in wheel_files)])
 
