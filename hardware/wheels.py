@@ -90,6 +90,24 @@ def _requires(kit: Path) -> list[str]:
     return sorted(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:"))
 
 
+def device_requirements(kit: Path, arch: str, py: str) -> list[str]:
+    """The kit's core requirements plus its ``device`` extra, with environment markers evaluated for the
+    *board* (pip download --platform would evaluate them for this machine), markers then dropped."""
+    from packaging.requirements import Requirement
+
+    env = {"platform_machine": arch, "python_version": py, "python_full_version": f"{py}.0",
+           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": "device"}
+    out = []
+    for line in _requires(kit):
+        r = Requirement(line)
+        if r.marker is not None and not r.marker.evaluate(env):
+            continue
+        extras = f"[{','.join(sorted(r.extras))}]" if r.extras else ""
+        out.append(f"{r.name}{extras}{r.specifier}")
+    return out
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -107,7 +125,8 @@ def wheel_set(arch: str, py: str, *, cache: Path | None = None, log=lambda msg: 
         kit = build_kit_wheel(Path(tmp))
         src = kit_source()
         constraints = src / "constraints.txt"
-        deps_key = hashlib.sha256("\n".join([*_requires(kit), arch, py]).encode()
+        reqs = device_requirements(kit, arch, py)
+        deps_key = hashlib.sha256("\n".join([*reqs, arch, py]).encode()
                                   + (constraints.read_bytes() if constraints.is_file() else b"")).hexdigest()[:16]
         kit_key = hashlib.sha256(kit.read_bytes()).hexdigest()[:12]
         final = cache / f"{arch}-py{py}-{deps_key}-{kit_key}"
@@ -126,9 +145,7 @@ def wheel_set(arch: str, py: str, *, cache: Path | None = None, log=lambda msg: 
                 for t in _TAGS:
                     args += ["--platform", t.format(a=arch)]
                 args += ["--python-version", py, "--implementation", "cp"]
-            _pip([*args, f"{kit}[device]", "pip"], f"resolving deftkit[device] for {arch} / Python {py}")
-            for old in deps.glob("deftkit-*.whl"):
-                old.unlink()
+            _pip([*args, *reqs, "pip"], f"resolving deftkit[device] for {arch} / Python {py}")
             (deps / ".complete").write_text("")
         work = cache / f".{final.name}.partial"
         shutil.rmtree(work, ignore_errors=True)

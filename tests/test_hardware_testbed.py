@@ -339,3 +339,20 @@ def test_bad_inventory_one_line_exit_2_nothing_written(example, tmp_path, kind, 
             assert w in lines[0], lines[0]
     assert img.read_bytes() == before
     assert not (tmp_path / "calls.log").exists() and not (l4t / "rootfs" / "opt").exists()
+
+
+def test_wheel_set_follows_the_device_extra_for_the_boards_platform(tmp_path):
+    """What a board installs is the project's own ``device`` extra, its markers evaluated for the board."""
+    from packaging.requirements import Requirement
+
+    from hardware.wheels import build_kit_wheel, device_requirements
+
+    kit = build_kit_wheel(tmp_path)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(x) for x in project["dependencies"] + project["optional-dependencies"]["device"]]
+    env = {"platform_machine": "aarch64", "python_version": "3.11", "sys_platform": "linux"}
+    for arch in ("x86_64", "aarch64"):
+        got = {Requirement(x).name for x in device_requirements(kit, arch, "3.11")}
+        want = {r.name for r in declared if r.marker is None or r.marker.evaluate({**env, "platform_machine": arch})}
+        assert got == want, arch
+    assert all("extra" not in x and ";" not in x for x in device_requirements(kit, "aarch64", "3.11"))
