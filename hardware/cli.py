@@ -369,6 +369,10 @@ def flash_command(
 
                 written = write_image(os_image, image, on_progress=progress)
         files = configure_boot(inv, dev, image, wheels)
+        if target is not None and target.kind == "block":
+            import os
+
+            os.sync()  # mtools wrote through the page cache; the card may be pulled right after
     except (InventoryError, FlashError, FatError, BlockDeviceError, JetsonError) as exc:
         _fail(exc)
     report = {"ok": True, "device": dev.id, "os": dev.os, "image": str(image), "written": written, "files": files}

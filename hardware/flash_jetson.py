@@ -155,7 +155,10 @@ def flash(inv: Inventory, dev: Device, l4t: Path | None, *, dry_run: bool | None
     if dry_run:
         return result
     assert l4t is not None
-    result["overlay"] = apply_overlay(inv, dev, l4t / "rootfs", wheels)
+    try:
+        result["overlay"] = apply_overlay(inv, dev, l4t / "rootfs", wheels)
+    except PermissionError as exc:
+        raise JetsonError(f"cannot write into {l4t / 'rootfs'} ({exc.strerror}): run as root (sudo deft hw flash ...)") from None
     for cmd in cmds:
         log(f"$ {show(cmd).replace(password, '<password>')}")
         r = subprocess.run(cmd, cwd=l4t)

@@ -51,7 +51,7 @@ class SSHKey(_Strict):
 class Network(_Strict):
     """What a freshly flashed board joins. No Wi-Fi: Ethernet with DHCP."""
 
-    country: str = "GB"
+    country: str = Field("GB", pattern=r"^[A-Z]{2}$", description="Wi-Fi regulatory domain (ISO 3166 code)")
     wifi_ssid: str | None = None
     wifi_password: str | None = None
     timezone: str = "Etc/UTC"

@@ -165,7 +165,12 @@ def test_firstboot_script_keeps_the_secret_root_only(example, tmp_path):
 def test_flash_trixie_cloud_init(example, tmp_path):
     img = make_rpi_image(tmp_path / "trixie.img")
     key = (example.parent / "ssh" / "id_ed25519.pub").read_text().strip()
-    deft("flash", "-i", str(example), "-d", "pi4-trixie", "--image", str(img))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("pip-26.3-py3-none-any.whl", "deftkit-0.1.0-py3-none-any.whl"):
+        (wheels / name).write_bytes(b"PK stand-in")  # only copied here; provisioning installs real ones
+    deft("flash", "-i", str(example), "-d", "pi4-trixie", "--image", str(img), "--wheels", str(wheels))
+    assert fat_names(img, "deft/wheels") == {"pip-26.3-py3-none-any.whl", "deftkit-0.1.0-py3-none-any.whl"}
     names = fat_names(img)
     assert {"user-data", "network-config", "meta-data", "deft"} <= names and "firstrun.sh" not in names
     assert "systemd.run" not in read_fat(img, "cmdline.txt")
