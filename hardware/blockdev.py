@@ -103,11 +103,15 @@ def check_target(t: Target, *, force: bool) -> None:
     if force:
         return
     if t.kind != "block":
-        raise BlockDeviceError(f"refusing to write an image to {t.describe()}: not a removable disk "
-                               "(pass --force if you really mean it)")
+        raise BlockDeviceError(
+            f"refusing to write an image to {t.describe()}: not a removable disk "
+            "(pass --force if you really mean it)"
+        )
     if not t.removable:
-        raise BlockDeviceError(f"refusing to overwrite {t.describe()}: not a removable disk, it may be a system "
-                               "disk (pass --force if you really mean it)")
+        raise BlockDeviceError(
+            f"refusing to overwrite {t.describe()}: not a removable disk, it may be a system "
+            "disk (pass --force if you really mean it)"
+        )
     if t.mounted:
         raise BlockDeviceError(f"refusing to overwrite {t.describe()}: unmount it first (or --force)")
 
@@ -195,8 +199,10 @@ def write_image(src: str | Path, dest: str | Path, *, on_progress: Progress | No
         for pos, n, digest in digests:
             got = os.pread(fd, n, pos)
             if hashlib.sha256(got).hexdigest() != digest:
-                raise BlockDeviceError(f"verification failed at byte {pos} of {dest}: the card may be faulty or "
-                                       "was removed; write it again or use another card")
+                raise BlockDeviceError(
+                    f"verification failed at byte {pos} of {dest}: the card may be faulty or "
+                    "was removed; write it again or use another card"
+                )
             checked += n
             report("verifying", checked, total)
     finally:

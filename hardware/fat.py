@@ -24,7 +24,9 @@ class FatError(RuntimeError):
 
 
 def _tool(name: str, package: str) -> str:
-    path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None)
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None
+    )
     if path is None:
         raise FatError(f"{name} not found: install it (apt install {package})")
     return path
@@ -32,10 +34,18 @@ def _tool(name: str, package: str) -> str:
 
 def boot_partition_offset(target: str | Path) -> int:
     """Byte offset of the first FAT partition of a disk image or block device."""
-    r = subprocess.run([_tool("sfdisk", "fdisk"), "--json", str(target)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [_tool("sfdisk", "fdisk"), "--json", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if r.returncode != 0:
-        raise FatError(f"{target} has no readable partition table ({r.stderr.strip() or 'sfdisk failed'}): "
-                       "is it a Raspberry Pi OS image?")
+        raise FatError(
+            f"{target} has no readable partition table ({r.stderr.strip() or 'sfdisk failed'}): "
+            "is it a Raspberry Pi OS image?"
+        )
     table = json.loads(r.stdout)["partitiontable"]
     sector = int(table.get("sectorsize", 512))
     for part in table.get("partitions", []):
@@ -58,10 +68,17 @@ class FatPartition:
         return f"{self.target}@@{self.offset}"
 
     def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        r = subprocess.run([_tool(tool, "mtools"), "-i", self._image, *args], capture_output=True,
-                           env=self._env, timeout=300)
+        r = subprocess.run(
+            [_tool(tool, "mtools"), "-i", self._image, *args],
+            capture_output=True,
+            env=self._env,
+            timeout=300,
+            check=False,
+        )
         if check and r.returncode != 0:
-            raise FatError(f"{tool} {' '.join(args)} on {self.target}: {r.stderr.decode(errors='replace').strip()}")
+            raise FatError(
+                f"{tool} {' '.join(args)} on {self.target}: {r.stderr.decode(errors='replace').strip()}"
+            )
         return r
 
     def exists(self, path: str) -> bool:

@@ -37,13 +37,24 @@ class FlashRecipe:
 RECIPES: dict[str, FlashRecipe] = {
     "jetson-orin-nano-8gb": FlashRecipe(
         "tools/kernel_flash/l4t_initrd_flash.sh",
-        ("--external-device", "nvme0n1p1", "-c", "tools/kernel_flash/flash_l4t_t234_nvme.xml",
-         "-p", "-c bootloader/generic/cfg/flash_t234_qspi.xml", "--showlogs", "--network", "usb0",
-         "jetson-orin-nano-devkit", "internal"),
+        (
+            "--external-device",
+            "nvme0n1p1",
+            "-c",
+            "tools/kernel_flash/flash_l4t_t234_nvme.xml",
+            "-p",
+            "-c bootloader/generic/cfg/flash_t234_qspi.xml",
+            "--showlogs",
+            "--network",
+            "usb0",
+            "jetson-orin-nano-devkit",
+            "internal",
+        ),
         "Jetson Linux 36 Quick Start: Orin Nano developer kit, NVMe SSD",
     ),
     "jetson-agx-orin-64gb": FlashRecipe(
-        "flash.sh", ("jetson-agx-orin-devkit", "internal"),
+        "flash.sh",
+        ("jetson-agx-orin-devkit", "internal"),
         "Jetson Linux 36 Quick Start: AGX Orin developer kit, internal eMMC",
     ),
 }
@@ -84,7 +95,17 @@ def _sudo() -> list[str]:
 def commands(dev: Device, password: str = "<password>") -> list[list[str]]:
     """The commands to run in Linux_for_Tegra, in order: name the user, then flash."""
     r = recipe(dev)
-    user = [*_sudo(), f"./{CREATE_USER}", "-u", dev.user, "-p", password, "-n", dev.host_name, "--accept-license"]
+    user = [
+        *_sudo(),
+        f"./{CREATE_USER}",
+        "-u",
+        dev.user,
+        "-p",
+        password,
+        "-n",
+        dev.host_name,
+        "--accept-license",
+    ]
     return [user, [*_sudo(), f"./{r.tool}", *r.args]]
 
 
@@ -103,8 +124,10 @@ def _write(path: Path, data: str | bytes, mode: int) -> None:
 def apply_overlay(inv: Inventory, dev: Device, rootfs: Path, wheels: Path | None = None) -> list[str]:
     """Write the kit's files into ``rootfs``; returns their paths relative to it."""
     if not (rootfs / "etc").is_dir():
-        raise JetsonError(f"{rootfs} is not a root file system (no etc/): extract NVIDIA's sample rootfs there "
-                          "and run apply_binaries.sh first")
+        raise JetsonError(
+            f"{rootfs} is not a root file system (no etc/): extract NVIDIA's sample rootfs there "
+            "and run apply_binaries.sh first"
+        )
     fb = rootfs / "opt" / "deft" / "firstboot"
     if fb.exists():
         shutil.rmtree(fb)
@@ -136,8 +159,15 @@ def apply_overlay(inv: Inventory, dev: Device, rootfs: Path, wheels: Path | None
     return sorted(out)
 
 
-def flash(inv: Inventory, dev: Device, l4t: Path | None, *, dry_run: bool | None, wheels: Path | None = None,
-          log=print) -> dict:
+def flash(
+    inv: Inventory,
+    dev: Device,
+    l4t: Path | None,
+    *,
+    dry_run: bool | None,
+    wheels: Path | None = None,
+    log=print,
+) -> dict:
     """Overlay + flash, or (dry run, the default when the BSP is absent) only print the commands."""
     if dev.os != "jetpack-6":
         raise JetsonError(f"device {dev.id} runs {dev.os}: the Jetson flow is for jetpack-6 boards")
@@ -145,25 +175,39 @@ def flash(inv: Inventory, dev: Device, l4t: Path | None, *, dry_run: bool | None
     if dry_run is None:
         dry_run = not present
     if not dry_run and not present:
-        raise JetsonError(f"{l4t or 'no --l4t given'}: not a prepared Linux_for_Tegra (needs rootfs/etc and "
-                          f"{recipe(dev).tool}); download the BSP and sample rootfs, run apply_binaries.sh, or use --dry-run")
+        raise JetsonError(
+            f"{l4t or 'no --l4t given'}: not a prepared Linux_for_Tegra (needs rootfs/etc and "
+            f"{recipe(dev).tool}); download the BSP and sample rootfs, run apply_binaries.sh, "
+            "or use --dry-run"
+        )
     password = secrets.token_urlsafe(12)
     cmds = commands(dev, password)
     shown = [show(commands(dev)[0]), show(cmds[1])]
-    result = {"device": dev.id, "board": dev.board, "dry_run": dry_run, "l4t": str(l4t) if l4t else None,
-              "commands": shown, "source": recipe(dev).source, "overlay": []}
+    result = {
+        "device": dev.id,
+        "board": dev.board,
+        "dry_run": dry_run,
+        "l4t": str(l4t) if l4t else None,
+        "commands": shown,
+        "source": recipe(dev).source,
+        "overlay": [],
+    }
     if dry_run:
         return result
     assert l4t is not None
     try:
         result["overlay"] = apply_overlay(inv, dev, l4t / "rootfs", wheels)
     except PermissionError as exc:
-        raise JetsonError(f"cannot write into {l4t / 'rootfs'} ({exc.strerror}): run as root (sudo deft hw flash ...)") from None
+        raise JetsonError(
+            f"cannot write into {l4t / 'rootfs'} ({exc.strerror}): run as root (sudo deft hw flash ...)"
+        ) from None
     for cmd in cmds:
         log(f"$ {show(cmd).replace(password, '<password>')}")
-        r = subprocess.run(cmd, cwd=l4t)
+        r = subprocess.run(cmd, cwd=l4t, check=False)
         if r.returncode != 0:
-            raise JetsonError(f"{show(cmd).replace(password, '<password>')} failed with exit code {r.returncode}: "
-                              "is the board in recovery mode (lsusb shows NVIDIA Corp. APX)?")
+            raise JetsonError(
+                f"{show(cmd).replace(password, '<password>')} failed with exit code {r.returncode}: "
+                "is the board in recovery mode (lsusb shows NVIDIA Corp. APX)?"
+            )
     result["password"] = password
     return result

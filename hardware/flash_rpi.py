@@ -21,8 +21,10 @@ from hardware.inventory import Device, Inventory
 from hardware.render import UNIT_NAME, env_text, firstboot_text, unit_text
 
 BOOT_DIR = "/boot/firmware"  # where Bookworm and Trixie mount the FAT partition
-_CMDLINE_RUN = (f" systemd.run={BOOT_DIR}/firstrun.sh systemd.run_success_action=reboot "
-                "systemd.unit=kernel-command-line.target")
+_CMDLINE_RUN = (
+    f" systemd.run={BOOT_DIR}/firstrun.sh systemd.run_success_action=reboot "
+    "systemd.unit=kernel-command-line.target"
+)
 
 
 class FlashError(RuntimeError):
@@ -46,7 +48,7 @@ def firstrun_sh(inv: Inventory, dev: Device) -> str:
         f"   /usr/lib/raspberrypi-sys-mods/imager_custom set_hostname {_q(host)}",
         "else",
         f"   echo {_q(host)} >/etc/hostname",
-        f"   sed -i \"s/127.0.1.1.*$CURRENT_HOSTNAME/127.0.1.1\\t{host}/g\" /etc/hosts",
+        f'   sed -i "s/127.0.1.1.*$CURRENT_HOSTNAME/127.0.1.1\\t{host}/g" /etc/hosts',
         "fi",
         # '*' as the password hash: no password login at all, the SSH key is the way in
         "if [ -f /usr/lib/userconf-pi/userconf ]; then",
@@ -58,9 +60,9 @@ def firstrun_sh(inv: Inventory, dev: Device) -> str:
         f"   /usr/lib/raspberrypi-sys-mods/imager_custom enable_ssh -k {_q(key)}",
         "else",
         f"   HOME_DIR=$(getent passwd {_q(user)} | cut -d: -f6)",
-        f"   install -o {_q(user)} -m 700 -d \"$HOME_DIR/.ssh\"",
+        f'   install -o {_q(user)} -m 700 -d "$HOME_DIR/.ssh"',
         f"   printf '%s\\n' {_q(key)} > \"$HOME_DIR/.ssh/authorized_keys\"",
-        f"   chown {_q(user)} \"$HOME_DIR/.ssh/authorized_keys\"; chmod 600 \"$HOME_DIR/.ssh/authorized_keys\"",
+        f'   chown {_q(user)} "$HOME_DIR/.ssh/authorized_keys"; chmod 600 "$HOME_DIR/.ssh/authorized_keys"',
         "   echo 'PasswordAuthentication no' >>/etc/ssh/sshd_config",
         "   systemctl enable ssh",
         "fi",
@@ -68,8 +70,10 @@ def firstrun_sh(inv: Inventory, dev: Device) -> str:
     if net.wifi_ssid:
         lines += [
             "if [ -f /usr/lib/raspberrypi-sys-mods/imager_custom ]; then",
-            f"   /usr/lib/raspberrypi-sys-mods/imager_custom set_wlan {_q(net.wifi_ssid)} "
-            f"{_q(net.wifi_password or '')} {_q(net.country)}",
+            (
+                f"   /usr/lib/raspberrypi-sys-mods/imager_custom set_wlan {_q(net.wifi_ssid)} "
+                f"{_q(net.wifi_password or '')} {_q(net.country)}"
+            ),
             "fi",
         ]
     lines += [
@@ -92,23 +96,34 @@ def cloud_init_files(inv: Inventory, dev: Device) -> dict[str, str]:
         "hostname": dev.host_name,
         "manage_etc_hosts": True,
         "timezone": net.timezone,
-        "users": [{
-            "name": dev.user,
-            "groups": "users,adm,dialout,audio,netdev,video,plugdev,input,gpio,spi,i2c,render,sudo",
-            "shell": "/bin/bash",
-            "lock_passwd": True,
-            "sudo": "ALL=(ALL) NOPASSWD:ALL",
-            "ssh_authorized_keys": [inv.public_key],
-        }],
+        "users": [
+            {
+                "name": dev.user,
+                "groups": "users,adm,dialout,audio,netdev,video,plugdev,input,gpio,spi,i2c,render,sudo",
+                "shell": "/bin/bash",
+                "lock_passwd": True,
+                "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                "ssh_authorized_keys": [inv.public_key],
+            }
+        ],
         "ssh_pwauth": False,
         "runcmd": [["bash", f"{BOOT_DIR}/deft/firstboot.sh"]],
     }
     network: dict = {"version": 2, "ethernets": {"eth0": {"dhcp4": True, "optional": True}}}
     if net.wifi_ssid:
-        network["wifis"] = {"wlan0": {"dhcp4": True, "optional": True, "regulatory-domain": net.country,
-                                      "access-points": {net.wifi_ssid: {"password": net.wifi_password or ""}}}}
+        network["wifis"] = {
+            "wlan0": {
+                "dhcp4": True,
+                "optional": True,
+                "regulatory-domain": net.country,
+                "access-points": {net.wifi_ssid: {"password": net.wifi_password or ""}},
+            }
+        }
     meta = {"instance-id": f"deft-{dev.id}", "local-hostname": dev.host_name}
-    dump = lambda x: yaml.safe_dump(x, sort_keys=False, default_flow_style=False, width=1 << 16)  # noqa: E731
+
+    def dump(x: dict) -> str:
+        return yaml.safe_dump(x, sort_keys=False, default_flow_style=False, width=1 << 16)
+
     return {
         "user-data": "#cloud-config\n" + dump(user_data),
         "network-config": dump({"network": network}),
@@ -122,20 +137,36 @@ def configure_boot(inv: Inventory, dev: Device, target: str | Path, wheels: Path
     Returns the paths written on the partition. Nothing is written unless the partition looks like a
     Raspberry Pi OS boot partition (it has cmdline.txt)."""
     if not dev.os.startswith("rpios-"):
-        raise FlashError(f"device {dev.id} runs {dev.os}: `deft hw flash --image` is for Raspberry Pi OS boards")
+        raise FlashError(
+            f"device {dev.id} runs {dev.os}: `deft hw flash --image` is for Raspberry Pi OS boards"
+        )
     fat = FatPartition(target)
     if not fat.exists("cmdline.txt"):
-        raise FlashError(f"{target}: the FAT partition has no cmdline.txt, so it is not a Raspberry Pi OS boot "
-                         "partition; write Raspberry Pi OS to it first (--os-image)")
+        raise FlashError(
+            f"{target}: the FAT partition has no cmdline.txt, so it is not a Raspberry Pi OS boot "
+            "partition; write Raspberry Pi OS to it first (--os-image)"
+        )
     wheel_files = sorted(wheels.glob("*.whl")) if wheels else []
     if wheels and not any(w.name.startswith("pip-") for w in wheel_files):
-        raise FlashError(f"--wheels {wheels} has no pip wheel: build the set with `deft hw provision` or pip download")
+        raise FlashError(
+            f"--wheels {wheels} has no pip wheel: build the set with `deft hw provision` or pip download"
+        )
     files: dict[str, str | bytes] = {
         "deft/firstboot.sh": firstboot_text(inv, dev),
         f"deft/{UNIT_NAME}": unit_text(inv, dev, prefix=""),
         "deft/authorized_keys": inv.public_key + "\n",
-        "deft/device.json": json.dumps({"id": dev.id, "board": dev.board, "os": dev.os, "hostname": dev.host_name,
-                                        "fleet": inv.fleet, "broker": inv.spec.broker.url}, indent=2) + "\n",
+        "deft/device.json": json.dumps(
+            {
+                "id": dev.id,
+                "board": dev.board,
+                "os": dev.os,
+                "hostname": dev.host_name,
+                "fleet": inv.fleet,
+                "broker": inv.spec.broker.url,
+            },
+            indent=2,
+        )
+        + "\n",
         "deft/secrets/env": env_text(inv, dev, prefix=""),
     }
     if inv.spec.broker.ca is not None:
@@ -152,7 +183,9 @@ def configure_boot(inv: Inventory, dev: Device, target: str | Path, wheels: Path
     # a re-flash for the other OS must not leave the first one's trigger behind (only files the kit wrote)
     mine = "firstrun.sh" if dev.os == "rpios-trixie" else "user-data"
     if fat.exists(mine) and b"deft/firstboot.sh" in fat.read(mine):
-        for name in ("firstrun.sh",) if mine == "firstrun.sh" else ("user-data", "network-config", "meta-data"):
+        for name in (
+            ("firstrun.sh",) if mine == "firstrun.sh" else ("user-data", "network-config", "meta-data")
+        ):
             if fat.exists(name):
                 fat.remove(name)
     cmdline = fat.read("cmdline.txt").decode().strip()
@@ -162,4 +195,3 @@ def configure_boot(inv: Inventory, dev: Device, target: str | Path, wheels: Path
         fat.write("cmdline.txt", new + "\n")
         files["cmdline.txt"] = ""
     return sorted([*files, *(f"deft/wheels/{w.name}" for w in wheel_files)])
-

@@ -165,8 +165,11 @@ class Inventory(BaseModel):
         return {
             "path": str(self.path),
             "fleet": s.fleet,
-            "broker": {"url": s.broker.url, "accounts": str(s.broker.accounts),
-                       "ca": str(s.broker.ca) if s.broker.ca else None},
+            "broker": {
+                "url": s.broker.url,
+                "accounts": str(s.broker.accounts),
+                "ca": str(s.broker.ca) if s.broker.ca else None,
+            },
             "ssh": {"private_key": str(s.ssh.private_key), "public_key": str(_pub_path(s.ssh))},
             "devices": [{**d.model_dump(mode="json"), "hostname": d.host_name} for d in s.devices],
         }
@@ -201,7 +204,9 @@ def load_inventory(path: str | Path) -> Inventory:
 
     p = Path(path)
     if not p.is_file():
-        raise InventoryError(f"fleet file {p} not found: write one, or an example with `deft hw inventory --example DIR`")
+        raise InventoryError(
+            f"fleet file {p} not found: write one, or an example with `deft hw inventory --example DIR`"
+        )
     try:
         raw = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -219,11 +224,15 @@ def load_inventory(path: str | Path) -> Inventory:
     def rel(x: Path | None) -> Path | None:
         return None if x is None else (x if x.is_absolute() else base / x)
 
-    spec = spec.model_copy(update={
-        "broker": spec.broker.model_copy(update={"accounts": rel(spec.broker.accounts), "ca": rel(spec.broker.ca)}),
-        "ssh": SSHKey(private_key=rel(spec.ssh.private_key), public_key=rel(spec.ssh.public_key)),  # type: ignore[arg-type]
-        "devices": [d.model_copy(update={"data_file": rel(d.data_file)}) for d in spec.devices],
-    })
+    spec = spec.model_copy(
+        update={
+            "broker": spec.broker.model_copy(
+                update={"accounts": rel(spec.broker.accounts), "ca": rel(spec.broker.ca)}
+            ),
+            "ssh": SSHKey(private_key=rel(spec.ssh.private_key), public_key=rel(spec.ssh.public_key)),  # type: ignore[arg-type]
+            "devices": [d.model_copy(update={"data_file": rel(d.data_file)}) for d in spec.devices],
+        }
+    )
 
     seen: set[str] = set()
     boards = builtin_profiles()
@@ -237,7 +246,8 @@ def load_inventory(path: str | Path) -> Inventory:
         allowed = _OS_FOR_BOARD.get(_family(d.board), ())
         if d.os not in allowed:
             raise InventoryError(
-                f"{where}: board {d.board} cannot run os {d.os!r}; use one of {', '.join(allowed) or '(none)'}"
+                f"{where}: board {d.board} cannot run os {d.os!r}; "
+                f"use one of {', '.join(allowed) or '(none)'}"
             )
         if d.data_file is not None and not d.data_file.is_file():
             raise InventoryError(f"{where}: data_file {d.data_file} not found")
@@ -247,20 +257,20 @@ def load_inventory(path: str | Path) -> Inventory:
     for what, f in (("ssh.private_key", spec.ssh.private_key), ("ssh.public_key", _pub_path(spec.ssh))):
         if not f.is_file():
             raise InventoryError(
-                f"fleet file {p}: {what} {f} not found; create a key pair with ssh-keygen -t ed25519 -f {spec.ssh.private_key}"
+                f"fleet file {p}: {what} {f} not found; "
+                f"create a key pair with ssh-keygen -t ed25519 -f {spec.ssh.private_key}"
             )
     public_key = _pub_path(spec.ssh).read_text().strip()
     if not re.match(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-\S+|sk-\S+) [A-Za-z0-9+/=]+", public_key):
         raise InventoryError(f"fleet file {p}: {_pub_path(spec.ssh)} is not an OpenSSH public key")
     if spec.broker.ca is not None and not spec.broker.ca.is_file():
         raise InventoryError(f"fleet file {p}: broker.ca {spec.broker.ca} not found")
-    try:
-        from device_runtime.protocol.url import parse_broker_url
+    from device_runtime.protocol.errors import ProtocolError
+    from device_runtime.protocol.url import parse_broker_url
 
+    try:
         parse_broker_url(spec.broker.url)
-    except ValueError as exc:
-        raise InventoryError(f"fleet file {p}: broker.url: {exc}") from None
-    except Exception as exc:  # ConnectError is not a ValueError
+    except (ProtocolError, ValueError) as exc:
         raise InventoryError(f"fleet file {p}: broker.url: {exc}") from None
     try:
         accounts = {a.username: a for a in load_accounts(spec.broker.accounts)}
@@ -269,11 +279,15 @@ def load_inventory(path: str | Path) -> Inventory:
     missing = [d.id for d in spec.devices if d.id not in accounts or accounts[d.id].role != "device"]
     if missing:
         raise InventoryError(
-            f"fleet file {p}: device {missing[0]!r} has no broker account in {spec.broker.accounts}; add it with "
-            f"`deft edge broker --accounts {spec.broker.accounts} --devices {','.join(missing)}`"
+            f"fleet file {p}: device {missing[0]!r} has no broker account in {spec.broker.accounts}; "
+            f"add it with `deft edge broker --accounts {spec.broker.accounts} --devices {','.join(missing)}`"
         )
-    return Inventory(path=p.resolve(), spec=spec, passwords={d.id: accounts[d.id].password for d in spec.devices},
-                     public_key=public_key)
+    return Inventory(
+        path=p.resolve(),
+        spec=spec,
+        passwords={d.id: accounts[d.id].password for d in spec.devices},
+        public_key=public_key,
+    )
 
 
 EXAMPLE_TOML = """\
@@ -331,9 +345,13 @@ def write_example(directory: str | Path) -> Path:
     (d / "ssh").mkdir(parents=True, exist_ok=True)
     key = d / "ssh" / "id_ed25519"
     if not key.exists():
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "deftkit-testbed", "-f", str(key)],
-                       check=True, capture_output=True, timeout=30)
-    ids = re.findall(r'^id = "([^"]+)"', EXAMPLE_TOML, flags=re.M)
+        subprocess.run(
+            [keygen, "-q", "-t", "ed25519", "-N", "", "-C", "deftkit-testbed", "-f", str(key)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    ids = re.findall(r'^id = "([^"]+)"', EXAMPLE_TOML, flags=re.MULTILINE)
     save_accounts(d / "broker" / "accounts.json", make_accounts(ids))
     fleet.write_text(EXAMPLE_TOML)
     load_inventory(fleet)  # the example must pass its own checks

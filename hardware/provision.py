@@ -42,49 +42,71 @@ class HostResult:
     facts: dict[str, dict] = field(default_factory=dict)  # task name -> module result
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "changed": self.changed, "failed": self.failed, "skipped": self.skipped,
-                "unreachable": self.unreachable, "messages": self.messages}
+        return {
+            "ok": self.ok,
+            "changed": self.changed,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "unreachable": self.unreachable,
+            "messages": self.messages,
+        }
 
 
 def _ansible_playbook() -> str:
     sibling = Path(sys.executable).with_name("ansible-playbook")
     found = str(sibling) if sibling.exists() else shutil.which("ansible-playbook")
     if not found:
-        raise ProvisionError("ansible-playbook not found: pip install 'deftkit[hardware]' (ansible-core, ansible-runner)")
+        raise ProvisionError(
+            "ansible-playbook not found: pip install 'deftkit[hardware]' (ansible-core, ansible-runner)"
+        )
     return found
 
 
 def host_vars(inv: Inventory, dev: Device, *, wheelhouse: Path | None = None) -> dict:
     v = device_vars(inv, dev)
-    ssh_opts = ["-o StrictHostKeyChecking=accept-new", f"-o UserKnownHostsFile={inv.path.parent / 'known_hosts'}",
-                "-o ConnectTimeout=10"]
-    v.update({
-        "ansible_host": dev.host,
-        "ansible_port": dev.port,
-        "ansible_user": dev.user,
-        "ansible_ssh_private_key_file": str(inv.spec.ssh.private_key),
-        "ansible_ssh_common_args": " ".join(ssh_opts),
-        "ansible_python_interpreter": dev.python,
-        "deft_python": dev.python,
-        "deft_systemd": dev.systemd,
-        "deft_become": dev.user != "root" and not dev.prefix,
-        "deft_ca_file": str(inv.spec.broker.ca) if inv.spec.broker.ca else "",
-        "deft_data_file": str(dev.data_file) if dev.data_file else "",
-    })
+    ssh_opts = [
+        "-o StrictHostKeyChecking=accept-new",
+        f"-o UserKnownHostsFile={inv.path.parent / 'known_hosts'}",
+        "-o ConnectTimeout=10",
+    ]
+    v.update(
+        {
+            "ansible_host": dev.host,
+            "ansible_port": dev.port,
+            "ansible_user": dev.user,
+            "ansible_ssh_private_key_file": str(inv.spec.ssh.private_key),
+            "ansible_ssh_common_args": " ".join(ssh_opts),
+            "ansible_python_interpreter": dev.python,
+            "deft_python": dev.python,
+            "deft_systemd": dev.systemd,
+            "deft_become": dev.user != "root" and not dev.prefix,
+            "deft_ca_file": str(inv.spec.broker.ca) if inv.spec.broker.ca else "",
+            "deft_data_file": str(dev.data_file) if dev.data_file else "",
+        }
+    )
     if dev.prefix:
         v["ansible_remote_tmp"] = f"{dev.prefix.rstrip('/')}/tmp/.ansible"
     if wheelhouse is not None:
         names = sorted(p.name for p in wheelhouse.glob("*.whl"))
-        v.update({
-            "deft_wheel_archive": str(wheelhouse / ARCHIVE),
-            "deft_kit_wheel": next(n for n in names if n.startswith("deftkit-")),
-            "deft_pip_wheel": next(n for n in names if n.startswith("pip-")),
-        })
+        v.update(
+            {
+                "deft_wheel_archive": str(wheelhouse / ARCHIVE),
+                "deft_kit_wheel": next(n for n in names if n.startswith("deftkit-")),
+                "deft_pip_wheel": next(n for n in names if n.startswith("pip-")),
+            }
+        )
     return v
 
 
-def run_playbook(inv: Inventory, devices: list[Device], playbook: str, *, wheelhouses: dict[str, Path] | None = None,
-                 check: bool = False, on_event: Callable[[str, str, str], None] | None = None) -> dict[str, HostResult]:
+def run_playbook(
+    inv: Inventory,
+    devices: list[Device],
+    playbook: str,
+    *,
+    wheelhouses: dict[str, Path] | None = None,
+    check: bool = False,
+    on_event: Callable[[str, str, str], None] | None = None,
+) -> dict[str, HostResult]:
     """Run one of the kit's playbooks on ``devices``; ``on_event(host, task, status)`` follows it."""
     import ansible_runner
 
@@ -136,9 +158,16 @@ def run_playbook(inv: Inventory, devices: list[Device], playbook: str, *, wheelh
 
         cmdline = "--check --diff" if check else ""
         runner = ansible_runner.run(
-            private_data_dir=str(pdd), project_dir=str(project), playbook=playbook,
-            inventory=str(pdd / "inventory" / "hosts.yml"), envvars=env, quiet=True, cmdline=cmdline or None,
-            event_handler=handler, limit=",".join(d.id for d in devices), json_mode=False,
+            private_data_dir=str(pdd),
+            project_dir=str(project),
+            playbook=playbook,
+            inventory=str(pdd / "inventory" / "hosts.yml"),
+            envvars=env,
+            quiet=True,
+            cmdline=cmdline or None,
+            event_handler=handler,
+            limit=",".join(d.id for d in devices),
+            json_mode=False,
         )
         stats = runner.stats or {}
         for host, r in results.items():
@@ -149,7 +178,9 @@ def run_playbook(inv: Inventory, devices: list[Device], playbook: str, *, wheelh
             r.unreachable = r.unreachable or host in (stats.get("dark") or {})
         if runner.rc not in (0, 2, 4) and not any(r.failed or r.unreachable for r in results.values()):
             out = runner.stdout.read() if runner.stdout else ""
-            raise ProvisionError(f"ansible-playbook exited with {runner.rc}: {out.strip().splitlines()[-1:] or ''}")
+            raise ProvisionError(
+                f"ansible-playbook exited with {runner.rc}: {out.strip().splitlines()[-1:] or ''}"
+            )
     return results
 
 

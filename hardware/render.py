@@ -19,8 +19,13 @@ UNIT_NAME = "deft-device@.service"
 def _env():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
-                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined, autoescape=False)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        trim_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
     env.filters["quote"] = lambda s: shlex.quote(str(s))
     return env
 
@@ -41,8 +46,13 @@ def device_vars(inv: Inventory, dev: Device, *, prefix: str | None = None) -> di
     if inv.spec.broker.ca is not None:
         # paho verifies the broker with OpenSSL's default paths, which honour SSL_CERT_FILE
         env["SSL_CERT_FILE"] = f"{d.config_dir}/ca.crt"
-    return {"deft_id": dev.id, "deft_user": dev.user, "deft_prefix": p.rstrip("/"), "deft_env": env,
-            "deft_hostname": dev.host_name}
+    return {
+        "deft_id": dev.id,
+        "deft_user": dev.user,
+        "deft_prefix": p.rstrip("/"),
+        "deft_env": env,
+        "deft_hostname": dev.host_name,
+    }
 
 
 def render(template: str, variables: dict) -> str:

@@ -26,8 +26,14 @@ def fleet_status(inv: Inventory, devices: list[Device], *, wait_s: float = 3.0) 
     kw = {}
     if inv.spec.broker.ca is not None:
         kw["tls"] = TLSOptions(ca_file=str(inv.spec.broker.ca))
-    client = DeftClient.from_url(inv.spec.broker.url, client_id=f"deft-hw-status-{uuid.uuid4().hex[:8]}",
-                                 username=edge.username, password=edge.password, persistent_session=False, **kw)
+    client = DeftClient.from_url(
+        inv.spec.broker.url,
+        client_id=f"deft-hw-status-{uuid.uuid4().hex[:8]}",
+        username=edge.username,
+        password=edge.password,
+        persistent_session=False,
+        **kw,
+    )
     try:
         client.connect(timeout=wait_s)
     except Exception as exc:  # noqa: BLE001 - an unreachable broker is a status, not a crash
@@ -70,7 +76,17 @@ def collect(inv: Inventory, devices: list[Device], *, on_event=None) -> list[dic
             service = "not managed"
         else:
             service = (svc.get("stdout") or "unknown").strip() or "unknown"
-        rows.append({"id": d.id, "host": d.host, "board": d.board, "os": d.os, "reachable": not r.unreachable,
-                     "kit_version": version, "service": service, "fleet": online[d.id],
-                     "problem": "; ".join(r.messages) or None})
+        rows.append(
+            {
+                "id": d.id,
+                "host": d.host,
+                "board": d.board,
+                "os": d.os,
+                "reachable": not r.unreachable,
+                "kit_version": version,
+                "service": service,
+                "fleet": online[d.id],
+                "problem": "; ".join(r.messages) or None,
+            }
+        )
     return rows

@@ -40,7 +40,9 @@ def default_cache() -> Path:
 def kit_source() -> Path:
     src = Path(__file__).resolve().parents[1]
     if not (src / "pyproject.toml").is_file():
-        raise WheelError(f"{src} is not a deftkit source tree (no pyproject.toml): provision from a clone of the kit")
+        raise WheelError(
+            f"{src} is not a deftkit source tree (no pyproject.toml): provision from a clone of the kit"
+        )
     return src
 
 
@@ -55,8 +57,14 @@ def _native(arch: str, py: str) -> bool:
 
 
 def _pip(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    r = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
-                       capture_output=True, text=True, timeout=1800, env={**os.environ, **(env or {})})
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
         raise WheelError(f"{what} failed: {' / '.join(tail)}")
@@ -72,8 +80,11 @@ def build_kit_wheel(out: Path, src: Path | None = None) -> Path:
         isolation = ["--no-build-isolation"]
     except ImportError:
         isolation = []
-    _pip(["wheel", "-q", "--no-deps", *isolation, "-w", str(out), str(src)], "building the kit's wheel",
-         {"SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", _EPOCH)})
+    _pip(
+        ["wheel", "-q", "--no-deps", *isolation, "-w", str(out), str(src)],
+        "building the kit's wheel",
+        {"SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", _EPOCH)},
+    )
     wheels = sorted(out.glob("deftkit-*.whl"))
     if not wheels:
         raise WheelError(f"pip wheel {src} wrote no deftkit wheel")
@@ -87,7 +98,9 @@ def _requires(kit: Path) -> list[str]:
     with zipfile.ZipFile(kit) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         text = z.read(meta).decode()
-    return sorted(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:"))
+    return sorted(
+        line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")
+    )
 
 
 def device_requirements(kit: Path, arch: str, py: str) -> list[str]:
@@ -95,9 +108,17 @@ def device_requirements(kit: Path, arch: str, py: str) -> list[str]:
     *board* (pip download --platform would evaluate them for this machine), markers then dropped."""
     from packaging.requirements import Requirement
 
-    env = {"platform_machine": arch, "python_version": py, "python_full_version": f"{py}.0",
-           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": "device"}
+    env = {
+        "platform_machine": arch,
+        "python_version": py,
+        "python_full_version": f"{py}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "device",
+    }
     out = []
     for line in _requires(kit):
         r = Requirement(line)
@@ -126,8 +147,10 @@ def wheel_set(arch: str, py: str, *, cache: Path | None = None, log=lambda msg: 
         src = kit_source()
         constraints = src / "constraints.txt"
         reqs = device_requirements(kit, arch, py)
-        deps_key = hashlib.sha256("\n".join([*reqs, arch, py]).encode()
-                                  + (constraints.read_bytes() if constraints.is_file() else b"")).hexdigest()[:16]
+        deps_key = hashlib.sha256(
+            "\n".join([*reqs, arch, py]).encode()
+            + (constraints.read_bytes() if constraints.is_file() else b"")
+        ).hexdigest()[:16]
         kit_key = hashlib.sha256(kit.read_bytes()).hexdigest()[:12]
         final = cache / f"{arch}-py{py}-{deps_key}-{kit_key}"
         if (final / ".complete").is_file():

@@ -52,24 +52,48 @@ def start_sshd(root: Path, private_key: Path, public_key: Path, timeout: float =
         pytest.skip("OpenSSH server/client not installed (apt install openssh-server)")
     root.mkdir(parents=True, exist_ok=True)
     host_key = root / "ssh_host_ed25519_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True, timeout=30)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True, timeout=30
+    )
     auth = root / "authorized_keys"
     auth.write_text(public_key.read_text())
     auth.chmod(0o600)
     if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's compiled-in privilege-separation directory
+        Path("/run/sshd").mkdir(
+            mode=0o755, exist_ok=True
+        )  # sshd's compiled-in privilege-separation directory
     port = free_port()
     cfg = root / "sshd_config"
-    cfg.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}", f"AuthorizedKeysFile {auth}",
-        f"PidFile {root / 'sshd.pid'}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "PubkeyAuthentication yes", "UsePAM no", "PermitRootLogin prohibit-password", "StrictModes no",
-        "MaxStartups 50", "MaxSessions 50", "Subsystem sftp internal-sftp", "LogLevel VERBOSE", "",
-    ]))
+    cfg.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {host_key}",
+                f"AuthorizedKeysFile {auth}",
+                f"PidFile {root / 'sshd.pid'}",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PubkeyAuthentication yes",
+                "UsePAM no",
+                "PermitRootLogin prohibit-password",
+                "StrictModes no",
+                "MaxStartups 50",
+                "MaxSessions 50",
+                "Subsystem sftp internal-sftp",
+                "LogLevel VERBOSE",
+                "",
+            ]
+        )
+    )
     log = root / "sshd.log"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=err,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sshd, "-D", "-e", "-f", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+        )
     deadline = time.monotonic() + timeout
     while not port_open("127.0.0.1", port):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -37,8 +37,16 @@ CACHE = Path.home() / ".cache" / "deftkit" / "test-wheels"
 
 def deft(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "deftkit.cli", "hw", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "deftkit.cli", "hw", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def last_json(r: subprocess.CompletedProcess) -> dict:
@@ -59,7 +67,9 @@ def exec_start(unit: str, instance: str, env: dict[str, str]) -> list[str]:
     return out
 
 
-def test_provision_a_board_over_ssh_then_its_service_joins_a_round(fresh_mosquitto, tiny_bert_bundle, tmp_path):
+def test_provision_a_board_over_ssh_then_its_service_joins_a_round(
+    fresh_mosquitto, tiny_bert_bundle, tmp_path
+):
     from hardware.inventory import load_inventory
     from hardware.render import parse_env_file
     from hardware.status import fleet_status
@@ -107,7 +117,7 @@ os = "debian"
 host = "127.0.0.1"
 port = {free_port()}
 user = "{sshd.user}"
-prefix = "{tmp_path / 'board2'}"
+prefix = "{tmp_path / "board2"}"
 systemd = false
 python = "{python}"
 """)
@@ -131,15 +141,27 @@ python = "{python}"
         unit = unit_path.read_text()
         assert "Restart=on-failure" in unit and f"EnvironmentFile={board}/etc/deft/%i/env" in unit
         venv = board / "opt" / "deft" / "venv"
-        version = subprocess.run([str(venv / "bin" / "deft"), "--version"], capture_output=True, text=True,
-                                 timeout=60, env={"PATH": "/usr/bin:/bin"})
+        version = subprocess.run(
+            [str(venv / "bin" / "deft"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+            check=False,
+        )
         assert version.returncode == 0 and version.stdout.strip() == "0.1.0"
 
         if shutil.which("systemd-analyze"):
             inst = tmp_path / "units" / "deft-device@dev1.service"
             inst.parent.mkdir()
             inst.symlink_to(unit_path)
-            v = subprocess.run(["systemd-analyze", "verify", str(inst)], capture_output=True, text=True, timeout=120)
+            v = subprocess.run(
+                ["systemd-analyze", "verify", str(inst)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
             assert v.returncode == 0, v.stdout + v.stderr
 
         # idempotent: a second run changes nothing
@@ -163,16 +185,26 @@ python = "{python}"
             edge = fleet.coordinator(devices=["dev1"], rounds=1, min_devices=1, steps=2)
             logs = tmp_path / "agent.err"
             with open(logs, "wb") as err:
-                agent = subprocess.Popen(argv, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **env},
-                                         stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, cwd=board)
+                agent = subprocess.Popen(
+                    argv,
+                    env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", **env},
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    cwd=board,
+                )
             try:
-                fleet.wait_until(lambda: not edge.alive() or agent.poll() is not None, 180, "the round to end")
+                fleet.wait_until(
+                    lambda: not edge.alive() or agent.poll() is not None, 180, "the round to end"
+                )
                 assert agent.poll() is None, logs.read_text()[-3000:]
                 rc = edge.wait(10)
                 assert rc == 0, edge.tail() + logs.read_text()[-3000:]
                 res = edge.result()
                 assert fleet.counted(1) == {"dev1": 1}, res
-                assert agent.poll() is None, logs.read_text()[-3000:]  # the service keeps running between rounds
+                assert agent.poll() is None, logs.read_text()[
+                    -3000:
+                ]  # the service keeps running between rounds
 
                 st = deft("status", "-i", str(fleet_toml), "--json")
                 rows = {x["id"]: x for x in last_json(st)["devices"]}
@@ -183,7 +215,10 @@ python = "{python}"
                 agent.kill()  # the board loses power: the broker publishes its last will
                 agent.wait(30)
             inv = load_inventory(fleet_toml)
-            fleet.wait_until(lambda: fleet_status(inv, inv.select("dev1")) == {"dev1": "offline"}, 30,
-                             "dev1 reported offline")
+            fleet.wait_until(
+                lambda: fleet_status(inv, inv.select("dev1")) == {"dev1": "offline"},
+                30,
+                "dev1 reported offline",
+            )
     finally:
         sshd.stop()
