@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hardware profiles and cost tables.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hardware profiles, cost tables and testbeds (inventory, flash, provision, status).")
 
 
 def _fail(exc: Exception) -> None:
@@ -218,4 +218,253 @@ def profile_command(
         if (e.depth, "peak_memory_bytes") in fixed:
             mem = f"*{mem} [{raw.peak_memory_bytes / 2**20:.0f}]"
         t.add_row(str(e.depth), str(m.block), lat, mem, f"{e.update_bytes / 1024:.1f}")
+    Console().print(t)
+
+
+# ---- testbed: inventory, flashing, provisioning, status ------------------------------------------
+def _inventory(path: Path):
+    from hardware.inventory import InventoryError, load_inventory
+
+    try:
+        return load_inventory(path)
+    except InventoryError as exc:
+        _fail(exc)
+
+
+InventoryOpt = Annotated[Path, typer.Option("--inventory", "-i", help="Fleet file (TOML), see `deft hw inventory`.")]
+
+
+@app.command("inventory")
+def inventory_command(
+    fleet_file: Annotated[Path | None, typer.Argument(help="Fleet file (TOML) to check and show.")] = None,
+    example: Annotated[
+        Path | None,
+        typer.Option("--example", help="Write a complete example testbed (fleet.toml, SSH key, broker accounts) here."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the validated inventory as JSON.")] = False,
+) -> None:
+    """Check a testbed's fleet file (boards, ids, keys, broker accounts) and show it."""
+    from hardware.inventory import InventoryError, write_example
+
+    if example is not None:
+        try:
+            fleet_file = write_example(example)
+        except InventoryError as exc:
+            _fail(exc)
+        if not as_json:
+            typer.echo(f"wrote {fleet_file}, {example / 'ssh'} (key pair) and {example / 'broker' / 'accounts.json'}")
+    if fleet_file is None:
+        _fail(ValueError("give a fleet file, or --example DIR to write one"))
+    inv = _inventory(fleet_file)
+    summary = inv.summary()
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"fleet {inv.fleet!r}: broker {inv.spec.broker.url} ({len(inv.devices)} devices, accounts ok)")
+    for col in ("id", "board", "os", "host", "user", "hostname", "data on device"):
+        t.add_column(col)
+    for d in inv.devices:
+        t.add_row(d.id, d.board, d.os, f"{d.host}:{d.port}" if d.port != 22 else d.host, d.user, d.host_name,
+                  d.data_path)
+    Console().print(t)
+
+
+def _progress_bar(as_json: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeElapsedColumn(), console=Console(stderr=True), transient=as_json)
+
+
+@app.command("flash")
+def flash_command(
+    inventory: InventoryOpt,
+    device: Annotated[str, typer.Option("--device", "-d", help="Device id from the fleet file.")],
+    image: Annotated[
+        Path | None,
+        typer.Option("--image", help="Raspberry Pi: the image file or SD card (block device) to configure."),
+    ] = None,
+    os_image: Annotated[
+        Path | None,
+        typer.Option("--os-image", help="Raspberry Pi: first write this OS image (.img or .img.xz) to --image."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write an OS image to something that is not a removable disk.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before overwriting --image.")] = False,
+    wheels: Annotated[
+        Path | None, typer.Option("--wheels", help="Wheel set (kit + device extra) the board installs at first boot.")
+    ] = None,
+    l4t: Annotated[Path | None, typer.Option("--l4t", help="Jetson: your Linux_for_Tegra directory (BSP).")] = None,
+    dry_run: Annotated[
+        bool | None,
+        typer.Option("--dry-run/--run", help="Jetson: only print the commands (default when the BSP is absent)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report as the last stdout line.")] = False,
+) -> None:
+    """Prepare a board's boot media: Raspberry Pi OS first-boot files, or a Jetson rootfs overlay + flash."""
+    from hardware.blockdev import BlockDeviceError, check_target, inspect_target, write_image
+    from hardware.fat import FatError
+    from hardware.flash_jetson import JetsonError
+    from hardware.flash_jetson import flash as flash_jetson
+    from hardware.flash_rpi import FlashError, configure_boot
+    from hardware.inventory import InventoryError
+
+    inv = _inventory(inventory)
+    try:
+        dev = inv.device(device)
+        if wheels is not None and not wheels.is_dir():
+            raise FlashError(f"--wheels {wheels} is not a directory")
+        if dev.os == "jetpack-6":
+            result = flash_jetson(inv, dev, l4t, dry_run=dry_run, wheels=wheels,
+                                  log=lambda m: typer.echo(m, err=True))
+            if as_json:
+                typer.echo(json.dumps({"ok": True, **{k: v for k, v in result.items() if k != "password"}}))
+                return
+            head = "dry run: would run" if result["dry_run"] else "ran"
+            typer.echo(f"{dev.id} ({dev.board}, {result['source']}): {head}, in {l4t or 'Linux_for_Tegra'}:")
+            for c in result["commands"]:
+                typer.echo(f"  {c}")
+            if result["overlay"]:
+                typer.echo(f"rootfs overlay: {len(result['overlay'])} files under {l4t}/rootfs")
+                typer.echo(f"login: {dev.user} with the testbed's SSH key (password, only shown now: "
+                           f"{result['password']})")
+            return
+        if dev.os == "debian":
+            raise FlashError(f"device {dev.id} runs debian: install the OS yourself, then `deft hw provision`")
+        if image is None:
+            raise FlashError("give --image: the Raspberry Pi OS image file or the SD card to configure")
+        written = None
+        target = inspect_target(image) if image.exists() else None
+        if os_image is not None or (target is not None and target.kind != "file"):
+            if target is None:
+                raise BlockDeviceError(f"{image} does not exist: name the SD card's device (lsblk shows it)")
+            check_target(target, force=force)
+            typer.echo(f"will overwrite: {target.describe()}", err=True)
+            if not yes:
+                import sys
+
+                if not sys.stdin.isatty():
+                    raise BlockDeviceError("not asking on a non-interactive terminal: pass --yes to overwrite")
+                typer.confirm("continue?", abort=True, err=True)
+        elif target is None:
+            raise FlashError(f"image {image} not found")
+        if os_image is not None:
+            with _progress_bar(as_json) as bar:
+                task = bar.add_task(f"writing {os_image.name}", total=None)
+
+                def progress(phase: str, done: int, total: int) -> None:
+                    bar.update(task, description=f"{phase} {os_image.name}", completed=done, total=total or None)
+
+                written = write_image(os_image, image, on_progress=progress)
+        files = configure_boot(inv, dev, image, wheels)
+        if target is not None and target.kind == "block":
+            import os
+
+            os.sync()  # mtools wrote through the page cache; the card may be pulled right after
+    except (InventoryError, FlashError, FatError, BlockDeviceError, JetsonError) as exc:
+        _fail(exc)
+    report = {"ok": True, "device": dev.id, "os": dev.os, "image": str(image), "written": written, "files": files}
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    if written:
+        typer.echo(f"wrote and verified {written['bytes']:,} bytes of {os_image} on {image}")
+    typer.echo(f"{image}: first boot of {dev.id} ({dev.os}, hostname {dev.host_name}) configured: {', '.join(files)}")
+
+
+def _wheelhouses(inv, devices, cache: Path | None, log) -> dict[str, Path]:
+    from hardware.wheels import target_of, wheel_set
+
+    sets: dict[tuple[str, str], Path] = {}
+    out = {}
+    for d in devices:
+        key = target_of(d)
+        if key not in sets:
+            sets[key] = wheel_set(*key, cache=cache, log=log)
+        out[d.id] = sets[key]
+    return out
+
+
+@app.command("provision")
+def provision_command(
+    inventory: InventoryOpt,
+    limit: Annotated[str | None, typer.Option("--limit", help="Only these device ids (comma-separated).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Dry run: report what would change, change nothing.")] = False,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Wheel cache (default ~/.cache/deftkit/wheels).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report as the last stdout line.")] = False,
+) -> None:
+    """Install the kit as a service on the boards over SSH (Ansible): venv from wheels built here,
+    credentials (0600), deft-device@<id>.service enabled and started. Idempotent."""
+    from hardware.inventory import InventoryError
+    from hardware.provision import ProvisionError, run_playbook
+    from hardware.wheels import WheelError
+
+    inv = _inventory(inventory)
+    err = typer.echo if not as_json else (lambda m: typer.echo(m, err=True))
+    try:
+        devices = inv.select(limit)
+        houses = _wheelhouses(inv, devices, cache, lambda m: typer.echo(m, err=True))
+        with _progress_bar(True) as bar:
+            task = bar.add_task("provisioning", total=None)
+
+            def on_event(host: str, name: str, status: str) -> None:
+                bar.update(task, description=f"{host}: {name} [{status}]")
+
+            results = run_playbook(inv, devices, "provision.yml", wheelhouses=houses, check=check, on_event=on_event)
+    except (InventoryError, ProvisionError, WheelError) as exc:
+        _fail(exc)
+    ok = all(not r.failed and not r.unreachable for r in results.values())
+    report = {"ok": ok, "check": check, "changed": sum(r.changed for r in results.values()),
+              "hosts": {h: r.as_dict() for h, r in results.items()}}
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        for h, r in results.items():
+            state = "UNREACHABLE" if r.unreachable else "FAILED" if r.failed else "ok"
+            err(f"{h}: {state}, {r.changed} changed, {r.ok} ok" + (f" ({'; '.join(r.messages)})" if r.messages else ""))
+        err(("would change" if check else "changed") + f" {report['changed']} item(s)")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_command(
+    inventory: InventoryOpt,
+    limit: Annotated[str | None, typer.Option("--limit", help="Only these device ids (comma-separated).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (last stdout line).")] = False,
+) -> None:
+    """Each board: reachable over SSH, kit version, service state, online in the fleet (retained status)."""
+    from hardware.inventory import InventoryError
+    from hardware.provision import ProvisionError
+    from hardware.status import collect
+
+    inv = _inventory(inventory)
+    try:
+        rows = collect(inv, inv.select(limit))
+    except (InventoryError, ProvisionError) as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps({"fleet": inv.fleet, "devices": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"fleet {inv.fleet!r} at {inv.spec.broker.url}")
+    for col in ("id", "host", "reachable", "kit", "service", "fleet"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["id"], r["host"], "yes" if r["reachable"] else "NO", r["kit_version"] or "-", r["service"],
+                  r["fleet"])
     Console().print(t)

@@ -1,0 +1,1 @@
+"""Ansible playbooks and the templates shared by provisioning and flashing (package data)."""
