@@ -111,21 +111,22 @@ def export_bundle(
     vocab = int(hf.config.vocab_size)
     n_virtual = cfg.num_virtual_tokens if "prompt" in cfg.peft else 0
 
+    # the TorchScript graphs first: symbolic tracing of the step can leave traced state in PEFT's modules
+    say("exporting inference graph")
+    infer_graph = onnx_graph.prepare_graph(onnx_graph.export_inference_graph(pm, cfg.task, cfg.opset, vocab), names)
     if cfg.format == "step":
-        say("tracing the training step (forward, backward, AdamW)")
-        step_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
-                                                      dropout=cfg.dropout)
         say("exporting eval graph")
         eval_graph = onnx_graph.initializers_to_inputs(onnx_graph.prepare_graph(
             onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab), names), names)
+        say("tracing the training step (forward, backward, AdamW)")
+        step_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
+                                                      dropout=cfg.dropout)
         ir_version, opset = int(step_graph.ir_version), max(cfg.opset, 18)
     else:
         say("exporting training graph")
         train_graph = onnx_graph.prepare_graph(
             onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, dropout=cfg.dropout), names)
         ir_version, opset = int(train_graph.ir_version), cfg.opset
-    say("exporting inference graph")
-    infer_graph = onnx_graph.prepare_graph(onnx_graph.export_inference_graph(pm, cfg.task, cfg.opset, vocab), names)
 
     with staging_dir(out) as tmp:
         step_spec = None

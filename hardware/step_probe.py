@@ -1,4 +1,4 @@
-"""Measure one bundle's ORT train step on this machine: median latency and peak RSS.
+"""Measure one bundle's training step (the device runtime's backend) on this machine: median latency and peak RSS.
 
 Runs as its own process (``python -m hardware.step_probe BUNDLE``) so the peak RSS is the bundle's
 alone, and imports only the torch-free device stack, as a device would. The profiler and the
@@ -33,28 +33,24 @@ def peak_rss_mb() -> float:
 def _run(bundle: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
     import numpy as np
 
-    from device_runtime.bundle.manifest import Manifest
-    from device_runtime.ort_training import load_training_api
+    from device_runtime.backends import make_backend
+    from device_runtime.bundle.load import load_bundle
 
-    api = load_training_api()
-    m = Manifest.load(bundle)
+    b = load_bundle(bundle, verify=False)  # a variant being measured; its maker hashes it afterwards
+    m = b.manifest
     seq = min(seq, m.max_length)
     rss_before = peak_rss_mb()
-    state = api.CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
-    module = api.Module(str(bundle / "training_model.onnx"), state, str(bundle / "eval_model.onnx"))
-    opt = api.Optimizer(str(bundle / "optimizer_model.onnx"), module)
+    backend = make_backend(b)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 2000, size=(batch, seq), dtype=np.int64)
     mask = np.ones((batch, seq), dtype=np.int64)
     labels = (rng.integers(0, max(2, len(m.labels)), size=batch, dtype=np.int64) if m.task == "seq-cls"
               else ids.copy())
-    module.train()
+    batch_arrays = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        module(ids, mask, labels)
-        opt.step()
-        module.lazy_reset_grad()
+        backend.train_step(batch_arrays, 1e-4, i, 0)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak = peak_rss_mb()

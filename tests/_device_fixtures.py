@@ -16,9 +16,3 @@ def tiny_gpt2_bundle(tiny_model_dir, bundle_factory) -> Path:
 def tiny_prompt_bundle(tiny_model_dir, bundle_factory) -> Path:
     return bundle_factory(tiny_model_dir("bert"), task="seq-cls", labels=["negative", "positive"],
                           peft="prompt", num_virtual_tokens=4, max_length=32)
-
-
-@pytest.fixture(scope="session")
-def tiny_pt2_bundle(tiny_model_dir, bundle_factory) -> Path:
-    """Tiny BERT bundle that also carries ``model.pt2`` for the torch backend."""
-    return bundle_factory(tiny_model_dir("bert"), task="seq-cls", num_labels=2, max_length=32, torch_program=True)

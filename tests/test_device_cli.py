@@ -90,10 +90,10 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_bert_bundle, small_data, tmp_pa
     train, ev = small_data
     bad = tmp_path / "bundle"
     shutil.copytree(tiny_bert_bundle, bad)
-    blob = bytearray((bad / "checkpoint").read_bytes())
-    blob[100] ^= 0xFF
-    (bad / "checkpoint").write_bytes(bytes(blob))
-    _one_line_error(deft("device", "train", "--bundle", bad, "--data", train), "checkpoint", "sha256")
+    blob = bytearray((bad / "weights.safetensors").read_bytes())
+    blob[-100] ^= 0xFF
+    (bad / "weights.safetensors").write_bytes(bytes(blob))
+    _one_line_error(deft("device", "train", "--bundle", bad, "--data", train), "weights.safetensors", "sha256")
     _one_line_error(deft("device", "train", "--bundle", tiny_bert_bundle, "--data", tmp_path / "none.tsv"),
                     "none.tsv", "does not exist")
     cols = tmp_path / "cols.tsv"

@@ -38,8 +38,7 @@ def test_device_runtime_never_imports_torch(tiny_bert_bundle):
     code = f"""
 import sys, json
 import device_runtime, device_runtime.cli, device_runtime.train, device_runtime.payload, device_runtime.predict
-from device_runtime.ort_training import load_training_api
-api = load_training_api()
+import onnxruntime
 from device_runtime.bundle.load import load_bundle
 from device_runtime.data import load_dataset
 from device_runtime.train import TrainConfig, train
@@ -47,12 +46,12 @@ b = load_bundle({str(tiny_bert_bundle)!r})
 ds = load_dataset({str(SST2_TRAIN)!r}, b.manifest, b.tokenizer, limit=32)
 r = train(b, ds, TrainConfig(steps=2, batch_size=8, progress=False))
 print(json.dumps({{"loaded": sorted({{m.split('.')[0] for m in sys.modules}}), "steps": r.report["steps"],
-                  "has_module": hasattr(api, "Module")}}))
+                  "backend": type(r.backend).__name__}}))
 """
     out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
-    assert info["steps"] == 2 and info["has_module"]
+    assert info["steps"] == 2 and info["backend"] == "StepBackend"
     leaked = [m for m in FORBIDDEN if m in info["loaded"]]
     assert leaked == [], f"device runtime imported {leaked}"
 
@@ -85,17 +84,17 @@ def test_bundle_loads_and_verifies(tiny_bert_bundle):
 
 def test_flipped_byte_names_the_file(tiny_bert_bundle, tmp_path):
     b = _copy(tiny_bert_bundle, tmp_path)
-    data = bytearray((b / "training_model.onnx").read_bytes())
+    data = bytearray((b / "step.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (b / "training_model.onnx").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="training_model.onnx: sha256 does not match"):
+    (b / "step.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="step.onnx: sha256 does not match"):
         load_bundle(b)
 
 
 def test_missing_file_and_broken_manifest(tiny_bert_bundle, tmp_path):
     b = _copy(tiny_bert_bundle, tmp_path)
-    (b / "checkpoint").unlink()
-    with pytest.raises(BundleError, match="checkpoint: missing"):
+    (b / "weights.safetensors").unlink()
+    with pytest.raises(BundleError, match="weights.safetensors: missing"):
         load_bundle(b)
     (b / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="manifest.json: not valid JSON"):

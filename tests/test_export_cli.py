@@ -58,13 +58,13 @@ def _verify(bundle: Path) -> tuple[int, dict]:
 
 
 def test_verify_names_flipped_byte(fresh_bundle):
-    p = fresh_bundle / "training_model.onnx"
+    p = fresh_bundle / "step.onnx"
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
     code, res = _verify(fresh_bundle)
     assert code != 0 and res["ok"] is False
-    assert any(x.startswith("training_model.onnx") and "sha256" in x for x in res["problems"])
+    assert any(x.startswith("step.onnx") and "sha256" in x for x in res["problems"])
 
 
 def test_verify_names_missing_file(fresh_bundle):
@@ -82,7 +82,7 @@ def test_verify_manifest_that_does_not_match_graphs(fresh_bundle):
     mpath.write_text(json.dumps(m))
     code, res = _verify(fresh_bundle)
     assert code != 0
-    assert any(x.startswith("checkpoint") and name in x and "shape" in x for x in res["problems"])
+    assert any(x.startswith("weights.safetensors") and name in x and "shape" in x for x in res["problems"])
 
 
 def test_verify_manifest_with_wrong_inputs(fresh_bundle):

@@ -27,8 +27,8 @@ def test_weightless_inference_graph_matches_the_eval_graph_before_and_after_trai
     weights = [t for t in graph.graph.initializer if t.name in set(m.inference_external)]
     assert len(weights) == len(m.inference_external) > 0
     assert all(not t.raw_data and t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
-    # the graph file is tiny next to the checkpoint that holds the weights
-    assert (b.root / "inference.onnx").stat().st_size < 0.05 * (b.root / "checkpoint").stat().st_size
+    # the graph file is tiny next to the weights file that holds the weights
+    assert (b.root / "inference.onnx").stat().st_size < 0.05 * (b.root / "weights.safetensors").stat().st_size
 
     ev = load_dataset(SST2_VALIDATION, m, b.tokenizer, limit=16)
     eb = ev.batch(np.arange(16))
@@ -51,9 +51,9 @@ def test_wrong_trained_tensors_and_a_lone_graph_are_refused(tiny_bert_bundle, tm
         inference_session(b.root, b.manifest, tensors={name: np.zeros((3, 3), np.float32)})
     with pytest.raises(BundleError, match="not a weight"):
         inference_session(b.root, b.manifest, tensors={"nope": np.zeros(3, np.float32)})
-    # the graph alone (without the checkpoint's weights) does not silently run
+    # the graph alone (without the bundle's weights file) does not silently run
     import onnxruntime
 
     (tmp_path / "inference.onnx").write_bytes((b.root / "inference.onnx").read_bytes())
-    with pytest.raises(Exception, match="__weights_from_checkpoint__"):
+    with pytest.raises(Exception, match="weights.safetensors"):
         onnxruntime.InferenceSession(str(tmp_path / "inference.onnx"), providers=["CPUExecutionProvider"])

@@ -85,7 +85,12 @@ class BundleCache:
                     for member in tar.getmembers():
                         if not member.isfile() or "/" in member.name or member.name.startswith("."):
                             raise BundleError(f"received bundle has an unexpected entry {member.name!r}; refusing it")
-                    tar.extractall(staging, filter="data")
+                    # the "data" filter exists from 3.11.4 / 3.10.12 (Debian 12 ships 3.11.2); members were
+                    # checked above either way
+                    if hasattr(tarfile, "data_filter"):
+                        tar.extractall(staging, filter="data")
+                    else:
+                        tar.extractall(staging)  # noqa: S202
             except tarfile.TarError as exc:
                 raise BundleError(f"received bundle {bundle_hash[:12]} is not a valid archive ({exc})") from None
             bundle = load_bundle(staging)

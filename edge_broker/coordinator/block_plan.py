@@ -38,10 +38,11 @@ def make_block_bundle(bundle: Bundle, blocks: list[int], head: bool, root: Path)
     staging = root / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     variant = make_variant(bundle.root, sorted(blocks), staging, head=head)
-    try:  # the inference graph is the same file: link it rather than copy 2x the model
-        os.link(bundle.inference_model, staging / "inference.onnx")
-    except OSError:
-        shutil.copy(bundle.inference_model, staging / "inference.onnx")
+    if not (staging / "inference.onnx").exists():  # the same file: link it rather than copy 2x the model
+        try:
+            os.link(bundle.inference_model, staging / "inference.onnx")
+        except OSError:
+            shutil.copy(bundle.inference_model, staging / "inference.onnx")
     Manifest.dump(variant.model_copy(update={"files": hash_tree(staging)}), staging)
     staging.rename(out)
     return load_bundle(out)
