@@ -60,7 +60,7 @@ def _prune(graph) -> None:
 def _freeze(model, names: list[str], bundle: Path, drop_outputs: bool) -> list[str]:
     """Inputs ``names`` become weights read from the bundle's ``weights.safetensors``; with
     ``drop_outputs`` the step outputs that update them go too. Returns the names now external."""
-    from onnx import helper
+    import onnx
     from onnx.external_data_helper import set_external_data
 
     from device_runtime.bundle.manifest import WEIGHTS_FILE
@@ -79,10 +79,10 @@ def _freeze(model, names: list[str], bundle: Path, drop_outputs: bool) -> list[s
     for n in names:
         vi = by_name[n]
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        t = helper.make_tensor(n, vi.type.tensor_type.elem_type, dims, vals=[])
+        t = onnx.TensorProto(name=n, data_type=vi.type.tensor_type.elem_type, dims=dims, raw_data=b"")
         offset, length = where[n]
         set_external_data(t, location=WEIGHTS_FILE, offset=offset, length=length)
-        t.ClearField("float_data")
+        t.ClearField("raw_data")
         g.initializer.append(t)
     live_inputs = [i for i in g.input if i.name not in frozen]
     del g.input[:]
