@@ -118,6 +118,7 @@ def export_bundle(
         say("exporting eval graph")
         eval_graph = onnx_graph.initializers_to_inputs(onnx_graph.prepare_graph(
             onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab), names), names)
+        weights = weight_arrays(pm)  # before tracing, which may leave traced tensors behind in PEFT's modules
         say("tracing the training step (forward, backward, AdamW)")
         step_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
                                                       dropout=cfg.dropout)
@@ -132,7 +133,6 @@ def export_bundle(
         step_spec = None
         if cfg.format == "step":
             say("writing step graph and weights")
-            weights = weight_arrays(pm)
             save_safetensors(weights, str(tmp / WEIGHTS_FILE))
             shapes = {k: tuple(v.shape) for k, v in weights.items()}
             locate = {k: (WEIGHTS_FILE, off, length)
