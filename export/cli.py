@@ -62,12 +62,12 @@ def export_command(
     distill_data: Path | None = typer.Option(
         None, "--distill-data", help="Distil the emulator's middle from the full model's on this unlabelled text "
         "(one sentence a line, or a .tsv/.csv text column; public text, never device data). Cached."),
-    distill_steps: int = typer.Option(500, "--distill-steps", help="Distillation optimizer steps."),
-    distill_lr: float = typer.Option(1e-4, "--distill-lr", help="Distillation peak learning rate (AdamW, cosine)."),
+    distill_steps: int = typer.Option(300, "--distill-steps", help="Distillation optimizer steps."),
+    distill_lr: float = typer.Option(5e-4, "--distill-lr", help="Distillation peak learning rate (AdamW, cosine)."),
     distill_batch: int = typer.Option(32, "--distill-batch", help="Distillation batch size."),
     distill_max_length: int | None = typer.Option(None, "--distill-max-length",
                                                   help="Distillation token length (default: --max-length)."),
-    distill_warmup: int = typer.Option(50, "--distill-warmup", help="Distillation warmup steps."),
+    distill_warmup: int = typer.Option(30, "--distill-warmup", help="Distillation warmup steps."),
     distill_text_column: str | None = typer.Option(None, "--distill-text-column",
                                                    help="Text column of a .tsv/.csv (default: sentence or text)."),
     distill_cache: Path | None = typer.Option(None, "--distill-cache",
@@ -99,8 +99,8 @@ def export_command(
                 raise ExportError("give either --lora-ranks or --rank-schedule, not both")
             opts["rank_schedule"] = _schedule(rank_schedule)
         if distill_data is None:
-            given = [f for f, v, d in (("--distill-steps", distill_steps, 500), ("--distill-lr", distill_lr, 1e-4),
-                                       ("--distill-batch", distill_batch, 32), ("--distill-warmup", distill_warmup, 50),
+            given = [f for f, v, d in (("--distill-steps", distill_steps, 300), ("--distill-lr", distill_lr, 5e-4),
+                                       ("--distill-batch", distill_batch, 32), ("--distill-warmup", distill_warmup, 30),
                                        ("--distill-max-length", distill_max_length, None),
                                        ("--distill-text-column", distill_text_column, None),
                                        ("--distill-cache", distill_cache, None)) if v != d]

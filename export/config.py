@@ -25,12 +25,12 @@ class DistillConfig(BaseModel):
     #: unlabelled public text: one sentence a line (.txt) or a .tsv/.csv text column; never device data
     data: str
     text_column: str | None = None
-    steps: int = 500
-    lr: float = 1e-4
+    steps: int = 300
+    lr: float = 5e-4
     batch_size: int = 32
     #: token length of distillation rows (None: the export's --max-length)
     max_length: int | None = None
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     seed: int = 0
     #: where distilled middles are cached (None: $DEFT_CACHE_DIR/distill or ~/.cache/deftkit/distill)
     cache_dir: str | None = None

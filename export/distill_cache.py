@@ -72,6 +72,7 @@ def store(cache_dir: Path, key: str, result: DistillResult) -> Path:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in result.state.items()}, tmp, metadata={"result": json.dumps(meta)})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as the models it came from
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

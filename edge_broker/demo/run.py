@@ -81,8 +81,9 @@ def export_demo_bundle(opts: DemoOptions, say: Callable[[str], None]) -> Path:
     options = {"task": "seq-cls", "num_labels": 2, "max_length": 64, "peft": "lora", "lora_r": 8}
     if opts.emulator:
         options["emulator"] = (1, 2, 1)  # 4 of 6 blocks: first, 2 middle (distilled from the 4 full ones), last
-        # distilled once, then cached next to the bundle: a --fresh run re-exports in seconds
-        options["distill"] = {"data": str(DISTILL_DATA), "cache_dir": str(opts.workdir / "distill-cache")}
+        # distilled once, then taken from the kit's cache (~/.cache/deftkit/distill): a --fresh run re-exports
+        # in seconds, and `deft export --distill-data` with the same settings shares the entry
+        options["distill"] = {"data": str(DISTILL_DATA)}
     say(f"exporting {'a distilled emulator' if opts.emulator else 'the full'} bundle of {source}"
         + (" (distillation: a few minutes the first time)" if opts.emulator else ""))
     t0 = time.perf_counter()
