@@ -57,6 +57,7 @@ def _deft(*args: str, timeout: float = 3600) -> dict:
 def run_variant(name: str, model: str, work: Path, cache: Path) -> dict:
     emulator, distilled, extra = VARIANTS[name]
     bundle = work / name / "bundle"
+    bundle.parent.mkdir(parents=True, exist_ok=True)
     args = ["export", "--model", model, "--task", "seq-cls", "--num-labels", "2", "--out", str(bundle), "--force",
             "--json", *extra]
     if emulator:
