@@ -17,6 +17,8 @@ from deftkit import __version__
 # sub-command name -> (module, attribute holding a typer.Typer, help)
 _GROUPS: dict[str, tuple[str, str, str]] = {
     "export": ("export.cli", "export_command", "Export a Hugging Face model to a device bundle."),
+    "plugin": ("export.plugin_cli", "plugin_command",
+               "Plug device-trained tensors into the full model: a PEFT adapter (and its accuracy)."),
     "bundle": ("device_runtime.bundle.cli", "app", "Inspect and verify device bundles."),
     "device": ("device_runtime.cli", "app", "Train, evaluate and predict on a device."),
     "edge": ("edge_broker.cli", "app", "Broker, coordinator and allocation at the edge."),
@@ -65,7 +67,7 @@ def _build_app(argv: list[str]) -> typer.Typer:
 
 
 def _extra_for(group: str) -> str:
-    return {"export": "export", "bundle": "device", "device": "device", "edge": "edge",
+    return {"export": "export", "plugin": "export", "bundle": "device", "device": "device", "edge": "edge",
             "hw": "hardware", "demo": "demo"}[group]
 
 

@@ -19,8 +19,9 @@ def demo_command(
     encoding: str = typer.Option("int8", help="Update encoding: fp32, fp16, int8, int8-row."),
     strategy: str = typer.Option("fedavg", help="fedavg, fedadam, median, trimmed_mean."),
     broker: str = typer.Option("auto", help="auto (Mosquitto if installed, else embedded), mosquitto, embedded."),
-    emulator: bool = typer.Option(False, "--emulator", help="Devices train a 4-of-6-block emulator; the report "
-                                  "shows the emulator's and the plugged-in full model's accuracy."),
+    emulator: bool = typer.Option(False, "--emulator", help="Devices train a 4-of-6-block emulator whose middle "
+                                  "is distilled from the full model's; the report shows the emulator's and the "
+                                  "plugged-in full model's accuracy."),
     skew: float = typer.Option(0.25, help="Label skew across devices (0: IID)."),
     fresh: bool = typer.Option(False, help="Re-export the bundle too."),
     json_out: bool = typer.Option(False, "--json", help="Last stdout line: a JSON summary."),

@@ -43,15 +43,21 @@ def _noop(_: str) -> None:
     pass
 
 
-def build_peft_model(model: torch.nn.Module, arch: Architecture, cfg: ExportConfig
+def build_peft_model(model: torch.nn.Module, arch: Architecture, cfg: ExportConfig, *,
+                     tokenizer_json: str | None = None, progress: Progress | None = None
                      ) -> tuple[torch.nn.Module, EmulatorSpec, list[TensorSpec], Any]:
     """Emulator + PEFT on ``model`` (mutated). Returns the PEFT model, the layer map, the trainable
-    tensors and the PEFT config for the full model. Tests build their torch reference with this too."""
+    tensors and the PEFT config for the full model. Tests build their torch reference with this too.
+    ``tokenizer_json`` / ``progress`` serve emulator distillation (``cfg.distill``)."""
     n_full = getattr(model.config, arch.num_layers_attr)
     if cfg.emulator is not None:
         spec = select_layers(n_full, cfg.emulator.first, cfg.emulator.last, cfg.emulator.middle)
     else:
         spec = full_spec(n_full)
+    if cfg.distill is not None:  # before blocks are dropped: the full middle is the teacher
+        from export.distilled_emulator import distill_emulator
+
+        spec = distill_emulator(model, arch, spec, cfg, tokenizer_json, progress)
     apply_emulator(model, arch, spec)
     pm, full_cfg = attach_peft(model, arch, cfg, spec)
     specs = trainable_specs(pm, arch, cfg.trainable_blocks, len(spec.layer_map))
@@ -106,7 +112,7 @@ def export_bundle(
         src, src_sha = source_id or getattr(model.config, "_name_or_path", "") or "in-memory", "in-memory"
 
     say("attaching emulator and PEFT")
-    pm, spec, specs, full_cfg = build_peft_model(hf, arch, cfg)
+    pm, spec, specs, full_cfg = build_peft_model(hf, arch, cfg, tokenizer_json=tok, progress=progress)
     names = [s.name for s in specs]
     vocab = int(hf.config.vocab_size)
     n_virtual = cfg.num_virtual_tokens if "prompt" in cfg.peft else 0

@@ -59,6 +59,19 @@ def export_command(
     emulator: str | None = typer.Option(None, "--emulator",
                                         help="FIRST,MIDDLE,LAST: keep first/last blocks trainable and MIDDLE "
                                              "uniformly chosen frozen middle blocks (e.g. 2,0,2)."),
+    distill_data: Path | None = typer.Option(
+        None, "--distill-data", help="Distil the emulator's middle from the full model's on this unlabelled text "
+        "(one sentence a line, or a .tsv/.csv text column; public text, never device data). Cached."),
+    distill_steps: int = typer.Option(300, "--distill-steps", help="Distillation optimizer steps."),
+    distill_lr: float = typer.Option(5e-4, "--distill-lr", help="Distillation peak learning rate (AdamW, cosine)."),
+    distill_batch: int = typer.Option(32, "--distill-batch", help="Distillation batch size."),
+    distill_max_length: int | None = typer.Option(None, "--distill-max-length",
+                                                  help="Distillation token length (default: --max-length)."),
+    distill_warmup: int = typer.Option(30, "--distill-warmup", help="Distillation warmup steps."),
+    distill_text_column: str | None = typer.Option(None, "--distill-text-column",
+                                                   help="Text column of a .tsv/.csv (default: sentence or text)."),
+    distill_cache: Path | None = typer.Option(None, "--distill-cache",
+                                              help="Cache directory (default: ~/.cache/deftkit/distill)."),
     max_length: int = typer.Option(64, "--max-length", help="Token sequence length on the device."),
     quantize: bool = typer.Option(False, "--quantize", help="Also write an int8 inference graph."),
     fmt: str = typer.Option("step", "--format",
@@ -87,6 +100,19 @@ def export_command(
             if ranks is not None:
                 raise ExportError("give either --lora-ranks or --rank-schedule, not both")
             opts["rank_schedule"] = _schedule(rank_schedule)
+        if distill_data is None:
+            given = [f for f, v, d in (("--distill-steps", distill_steps, 300), ("--distill-lr", distill_lr, 5e-4),
+                                       ("--distill-batch", distill_batch, 32), ("--distill-warmup", distill_warmup, 30),
+                                       ("--distill-max-length", distill_max_length, None),
+                                       ("--distill-text-column", distill_text_column, None),
+                                       ("--distill-cache", distill_cache, None)) if v != d]
+            if given:
+                raise ExportError(f"{given[0]} applies to distillation: add --distill-data FILE or drop {given[0]}")
+        else:
+            opts["distill"] = {"data": str(distill_data), "steps": distill_steps, "lr": distill_lr,
+                               "batch_size": distill_batch, "max_length": distill_max_length,
+                               "warmup_steps": distill_warmup, "text_column": distill_text_column,
+                               "cache_dir": str(distill_cache) if distill_cache is not None else None}
         try:
             cfg = ExportConfig(**opts)
         except ValidationError as exc:
@@ -106,4 +132,6 @@ def export_command(
     if as_json:
         typer.echo(json.dumps({"ok": True, "bundle": str(out), "bundle_hash": manifest.bundle_hash(),
                                "params_trainable": manifest.params_trainable, "params_total": manifest.params_total,
-                               "layer_map": manifest.emulator.layer_map, "bytes": sum(sizes.values())}))
+                               "layer_map": manifest.emulator.layer_map, "bytes": sum(sizes.values()),
+                               "distillation": manifest.emulator.distillation.model_dump()
+                               if manifest.emulator.distillation else None}))

@@ -18,6 +18,40 @@ class EmulatorConfig(BaseModel):
     last: int = 2
 
 
+class DistillConfig(BaseModel):
+    """Distil the emulator's middle blocks from the full model's on unlabelled text (``export.distill``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: unlabelled public text: one sentence a line (.txt) or a .tsv/.csv text column; never device data
+    data: str
+    text_column: str | None = None
+    steps: int = 300
+    lr: float = 5e-4
+    batch_size: int = 32
+    #: token length of distillation rows (None: the export's --max-length)
+    max_length: int | None = None
+    warmup_steps: int = 30
+    seed: int = 0
+    #: where distilled middles are cached (None: $DEFT_CACHE_DIR/distill or ~/.cache/deftkit/distill)
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        from export.errors import ExportError
+
+        if self.steps <= 0:
+            raise ExportError(f"--distill-steps must be > 0 (got {self.steps})")
+        if not self.lr > 0:
+            raise ExportError(f"--distill-lr must be > 0 (got {self.lr})")
+        if self.batch_size <= 0:
+            raise ExportError(f"--distill-batch must be > 0 (got {self.batch_size})")
+        if self.max_length is not None and self.max_length <= 1:
+            raise ExportError(f"--distill-max-length must be > 1 (got {self.max_length})")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ExportError(f"--distill-warmup must be in [0, --distill-steps) (got {self.warmup_steps})")
+        return self
+
+
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +78,8 @@ class ExportConfig(BaseModel):
     #: emulator blocks whose tensors are trainable (None = all)
     trainable_blocks: list[int] | None = None
     emulator: EmulatorConfig | None = None
+    #: distil the emulator's middle blocks from the full model's (needs an emulator with middle blocks)
+    distill: DistillConfig | None = None
     max_length: int = 64
     opset: int = 17
     seed: int = 0
@@ -85,6 +121,9 @@ class ExportConfig(BaseModel):
             raise ExportError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.max_length <= 1:
             raise ExportError(f"--max-length must be > 1 (got {self.max_length})")
+        if self.distill is not None and (self.emulator is None or self.emulator.middle == 0):
+            raise ExportError("--distill-data distils an emulator's middle blocks: give --emulator FIRST,MIDDLE,LAST "
+                              "with MIDDLE >= 1 (e.g. --emulator 1,2,1)")
         if self.task == "seq-cls":
             if self.labels is not None and len(self.labels) < 2:
                 raise ExportError("--labels needs at least two names, e.g. --labels negative,positive")

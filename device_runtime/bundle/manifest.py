@@ -59,6 +59,26 @@ class TensorSpec(_Strict):
         return n
 
 
+class DistillSpec(_Strict):
+    """How an emulator's middle blocks were distilled from the full model's (Offsite-Tuning), so a
+    user can tell a distilled emulator from a layer-dropped one and repeat the run."""
+
+    data: str
+    data_sha256: str
+    rows: int
+    steps: int
+    lr: float
+    batch_size: int
+    max_length: int
+    warmup_steps: int
+    seed: int
+    #: normalised KD loss on the last middle block's output, first and last logged value
+    kd_loss_initial: float
+    kd_loss_final: float
+    #: cache key: sha256 over (model, layout, data, settings)
+    key: str
+
+
 class EmulatorSpec(_Strict):
     """Which original blocks the (possibly compressed) model keeps.
 
@@ -71,6 +91,8 @@ class EmulatorSpec(_Strict):
     layer_map: list[int]
     adapter_blocks: list[int]
     is_full: bool
+    #: set when the middle blocks were distilled from the full model's (None: kept as they are)
+    distillation: DistillSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "EmulatorSpec":

