@@ -391,15 +391,15 @@ class Fleet:
         try:
             coord.connect()
             coord.wait_for_devices()
-            coord._initial_global()  # what Coordinator.run() does before its first round
+            coord.initial_global()  # what Coordinator.run() does before its first round
             # observe (not change) how many updates each ingest commit takes
-            ingest_batch = coord._on_updates
+            ingest_batch = coord.inbox.on_updates
 
             def counted(msgs: list[Any]) -> None:
                 self.batches.append(len(msgs))
                 ingest_batch(msgs)
 
-            coord._on_updates = counted
+            coord.inbox.on_updates = counted
         except BaseException:
             coord.close()
             raise
@@ -435,7 +435,7 @@ class Fleet:
             wall0 = time.time()
             # devices on a shared link time their turn from this (one monotonic clock on one machine)
             coord.cfg.hyperparams = {"bench_t0": t0}
-            import edge_broker.coordinator.coordinator as coord_module
+            import edge_broker.coordinator.inbox as coord_module
 
             batch_max = coord_module.MAX_UPDATE_BATCH
             coord_module.MAX_UPDATE_BATCH = 1 if mode == "kit-unbatched" else batch_max
@@ -538,7 +538,7 @@ def aggregation_times(db: Path, round_: int, devices: list[str], reps: int, spec
         out: dict[str, Any] = {"updates": len(updates), "load_decode_s": _median_time(load, reps)}
     # end to end: the devices' tensors are known from their seeds, so FedAvg (equal samples) must give their mean
     truth = [device_tensors(specs, _seed(u.device)) for u in updates]
-    fedavg = get_strategy("fedavg").aggregate(g0, updates)
+    fedavg, _ = get_strategy("fedavg").aggregate(g0, updates)
     out["fedavg_max_abs_err_vs_true_mean"] = max(
         float(np.max(np.abs(fedavg[s.name] - np.mean([t[s.name] for t in truth], axis=0)))) for s in specs)
     for name, params in (("fedavg", {}), ("median", {}), ("trimmed_mean", {"trim": 0.1})):

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from device_runtime.bundle.archive import BundleCache
 from device_runtime.bundle.load import Bundle
 from device_runtime.errors import DeviceError
+from device_runtime.payload import ENCODINGS
 from device_runtime.protocol import (
     Ack,
     AuthRefused,
@@ -128,7 +129,7 @@ class DeviceAgent:
         self.globals = client.subscribe(t.global_state())
         client.publish(t.status(me), to_envelope(Status(state="online"), sender=me, fleet=self.cfg.fleet), retain=True)
         hello = Hello(kit_version=KIT_VERSION, profile=self.cfg.profile, bundles=self.cache.hashes(),
-                      capabilities={"backend": self.cfg.backend, "encodings": ["fp32", "fp16", "int8", "int8-row"]})
+                      capabilities={"backend": self.cfg.backend, "encodings": list(ENCODINGS)})
         # retained, like a birth message: a coordinator that starts (or restarts) later still sees it
         client.publish(t.hello(me), to_envelope(hello, sender=me, fleet=self.cfg.fleet), retain=True)
         return client

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from device_runtime.errors import DeftError
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -75,7 +77,7 @@ RoundStatus = Literal["open", "aggregating", "closed", "failed"]
 AddResult = Literal["stored", "duplicate_key", "device_already_counted"]
 
 
-class StoreError(Exception):
+class StoreError(DeftError):
     """The database cannot be opened or is from another kit version. The CLI prints ``error: <message>``."""
 
 

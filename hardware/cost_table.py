@@ -13,10 +13,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from device_runtime.errors import DeftError
 from hardware.profiles import Profile
 
 
-class CostTableError(ValueError):
+class CostTableError(DeftError, ValueError):
     """A cost table is malformed or does not match the profile it is used with."""
 
 

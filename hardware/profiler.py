@@ -28,12 +28,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_runtime.bundle.manifest import Manifest, TensorSpec
+from device_runtime.errors import DeftError
 from hardware.cost_table import CostEntry, CostTable
 
 BYTES_PER_FP32 = 4
 
 
-class ProfilerError(ValueError):
+class ProfilerError(DeftError, ValueError):
     """The bundle cannot be profiled (no trainable blocks, a failed measurement); the message says why."""
 
 

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from device_runtime.errors import DeftError
+
 BUILTIN_DIR = Path(__file__).with_name("boards")
 
 # Every figure that must carry a citation in [sources].
@@ -27,7 +29,7 @@ CITED_FIELDS = (
 )
 
 
-class ProfileError(ValueError):
+class ProfileError(DeftError, ValueError):
     """A profile file is missing, unreadable or incomplete; the message names the file and the field."""
 
 

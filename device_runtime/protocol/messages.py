@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from device_runtime.payload import Encoding
 from device_runtime.protocol.envelope import Envelope, MsgType
 from device_runtime.protocol.errors import EnvelopeError
 
@@ -48,7 +49,7 @@ class Task(_Body):
     global_round: int | None = None
     global_sha256: str | None = None
     hyperparams: dict[str, Any] = Field(default_factory=dict)
-    encoding: Literal["fp32", "fp16", "int8", "int8-row"] = "fp32"
+    encoding: Encoding = "fp32"
     delta: bool = True
     deadline_ts: float | None = None
     trainable_blocks: list[int] | None = None

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from device_runtime.errors import DeftError
+
 LN2 = math.log(2.0)
 
 
-class AllocationError(Exception):
+class AllocationError(DeftError):
     """Base class of the allocator's errors; the CLI prints its message on one line."""
 
 

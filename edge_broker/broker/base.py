@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from device_runtime.errors import DeftError
 from device_runtime.protocol.topics import check_id
 
 
-class BrokerError(Exception):
+class BrokerError(DeftError):
     """A broker could not be configured, started or reached. The CLI prints ``error: <message>``, exit 2."""
 
 

@@ -66,10 +66,10 @@ def serve_command(
     """Run the rounds: distribute the bundle, collect and validate updates, aggregate, plug in, report."""
     from pydantic import ValidationError
 
+    from device_runtime.protocol.errors import ProtocolError
     from edge_broker.aggregation import AggregationError
     from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
     from edge_broker.coordinator.coordinator import Coordinator
-    from device_runtime.protocol.errors import ProtocolError
     from edge_broker.store import StoreError
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,

@@ -7,8 +7,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from device_runtime.errors import DeftError
+from device_runtime.payload import Encoding
 
-class CoordinatorError(Exception):
+
+class CoordinatorError(DeftError):
     """The run cannot start or go on (no devices, bad config, corrupt state). Printed as ``error: ...``."""
 
 
@@ -37,7 +40,7 @@ class CoordinatorConfig(BaseModel):
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     clip_norm: float | None = Field(None, gt=0)
     hyperparams: dict[str, Any] = Field(default_factory=lambda: {"epochs": 1, "batch_size": 16, "lr": 1e-3})
-    encoding: Literal["fp32", "fp16", "int8", "int8-row"] = "int8"
+    encoding: Encoding = "int8"
     delta: bool = True
     max_update_bytes: int = Field(64 * 1024 * 1024, gt=0)
     #: a device silent for this long is marked lost (heartbeats come every few seconds)
