@@ -44,6 +44,7 @@ and is reported separately. Only 127.0.0.1; every wait has a deadline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -484,10 +485,8 @@ class Fleet:
 
     def close(self) -> None:
         for c in self.conns:
-            try:
+            with contextlib.suppress(OSError, BrokenPipeError):
                 c.send(("close",))
-            except (OSError, BrokenPipeError):
-                pass
         for p in self.procs:
             p.join(15)
             if p.is_alive():
@@ -638,7 +637,8 @@ def summarise(rounds: list[dict[str, Any]], encodings: list[str]) -> dict[str, A
                 e.update({
                     f"{p}_round_s": kit_s,
                     f"{p}_ratio": kit_s / raw_s,
-                    f"{p}_ratio_paired_median": statistics.median(k["wall_s"] / r["wall_s"] for k, r in zip(kit, raw)),
+                    f"{p}_ratio_paired_median": statistics.median(k["wall_s"] / r["wall_s"]
+                                                                  for k, r in zip(kit, raw, strict=True)),
                     f"{p}_round_s_runs": [r["wall_s"] for r in kit],
                     f"{p}_edge_stored_last_s": statistics.median(r["last_stored_s"] for r in kit),
                     # the coordinator's whole run_round: + aggregation, publishing the new global, committing
@@ -733,7 +733,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, grid = plt.subplots(2, cols, figsize=(5.2 * cols, 9))
     for ax in grid[0][len(scens):]:
         ax.axis("off")
-    for ax, scen in zip(grid[0], scens):
+    for ax, scen in zip(grid[0], scens, strict=False):
         encs = list(res["round"][scen])
         top = 0.0
         for i, enc in enumerate(encs):
@@ -838,7 +838,8 @@ def run(devices: int, reps: int, workers: int, encodings: list[str], *, link_mbp
                          "link_mbps": link_mbps, "agg_reps": agg_reps, "broker": "mosquitto",
                          "cpu_count": os.cpu_count(), "setup_s": setup_s, "bundle": str(bundle_dir),
                          "bundle_hash": bundle_hash, "edge": "edge_broker.coordinator.Coordinator.run_round",
-                         "lora": f"r={RANK} on query,value x {LAYERS} layers, hidden {HIDDEN}, + {NUM_LABELS}-class head"},
+                         "lora": f"r={RANK} on query,value x {LAYERS} layers, hidden {HIDDEN}, "
+                                 f"+ {NUM_LABELS}-class head"},
             "target_ratio": TARGET_RATIO,
             "kit_ratio": {scen: {enc: v["kit_ratio"] for enc, v in by.items()} for scen, by in summary.items()},
             "meets_target": {scen: {enc: v["kit_ratio"] <= TARGET_RATIO for enc, v in by.items()}
@@ -875,7 +876,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --link-mbps {a.link_mbps!r} is not a comma-separated list of numbers", file=sys.stderr)
         return 2
     encodings = [e.strip() for e in a.encodings.split(",") if e.strip()]
-    if a.devices < 1 or a.devices > 1000 or a.reps < 1 or a.workers < 1 or not link_mbps or any(m < 0 for m in link_mbps):
+    if (a.devices < 1 or a.devices > 1000 or a.reps < 1 or a.workers < 1 or not link_mbps
+            or any(m < 0 for m in link_mbps)):
         print("error: --devices must be 1-1000, --reps and --workers >= 1, --link-mbps >= 0", file=sys.stderr)
         return 2
     from device_runtime.payload import ENCODINGS

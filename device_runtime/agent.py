@@ -301,7 +301,8 @@ class DeviceAgent:
                     last, last_change = now, time.monotonic()
                 elif time.monotonic() - last_change > self.cfg.bundle_stall_s:
                     if requests >= 5:
-                        raise AgentError(f"bundle {bundle_hash[:12]} download stalled; is the coordinator running?")
+                        raise AgentError(
+                            f"bundle {bundle_hash[:12]} download stalled; is the coordinator running?") from None
                     missing = c.reassembler.missing(bundle_hash)
                     log.warning("bundle download stalled; asking for %s chunks again",
                                 "all" if missing is None else len(missing))
@@ -401,7 +402,8 @@ class DeviceAgent:
             log.warning("ignoring unknown hyper-parameters %s", unknown)
         kw = {k: v for k, v in hp.items() if k in allowed}
         # a different shuffle per device and round, reproducible across a restart
-        kw["seed"] = int(kw.get("seed", 0)) * 1_000_003 + task.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 997
+        kw["seed"] = int(kw.get("seed",
+                                0)) * 1_000_003 + task.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 997
         cfg = TrainConfig(**kw, progress=False, backend=self.cfg.backend, threads=self.cfg.threads,
                           checkpoint_dir=str(self.workdir / "checkpoints" / f"round-{task.round}"), checkpoint_every=25)
         initial, frozen = base, None

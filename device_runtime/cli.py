@@ -272,7 +272,7 @@ def predict(
     pred = probs.argmax(-1)
     names = label_names(b.manifest, pred)
     rows = [{"text": t, "label": n, "probs": [round(float(x), 6) for x in p]}
-            for t, n, p in zip(ds.texts, names, probs)]
+            for t, n, p in zip(ds.texts, names, probs, strict=False)]
     report = {"predictions": rows, "labels": b.manifest.labels, "ensemble": len(member or []),
               "skipped_rows": ds.skipped_rows}
 
@@ -292,12 +292,14 @@ def predict(
 
 @app.command("run")
 def run_command(
-    broker: str = typer.Option(..., "--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in it)."),
+    broker: str = typer.Option(..., "--broker",
+                               help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in it)."),
     device_id: str = typer.Option(..., "--id", help="This device's id (also its MQTT user name)."),
     data: Path = typer.Option(..., "--data", help="Local training data (TSV/CSV/JSONL); it never leaves the device."),
     password: str | None = typer.Option(None, "--password", help="MQTT password (or DEFT_PASSWORD, or in the URL)."),
     fleet: str = typer.Option("default", "--fleet", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
-    workdir: Path | None = typer.Option(None, "--workdir", help="Bundles, checkpoints, spool (default ./deft-device-<id>)."),
+    workdir: Path | None = typer.Option(None, "--workdir",
+                                        help="Bundles, checkpoints, spool (default ./deft-device-<id>)."),
     bundle: Path | None = typer.Option(None, "--bundle", help="A bundle already on this device (skips the download)."),
     board: str | None = typer.Option(None, "--board", help="Hardware profile name sent in the hello (e.g. rpi5-8gb)."),
     text_column: str | None = typer.Option(None, "--text-column"),

@@ -8,7 +8,8 @@ import numpy as np
 from device_runtime.data import IGNORE_INDEX, Dataset, PadPolicy
 
 
-def correct_and_count(logits: np.ndarray, labels: np.ndarray, task: str, num_virtual_tokens: int = 0) -> tuple[int, int]:
+def correct_and_count(logits: np.ndarray, labels: np.ndarray, task: str, num_virtual_tokens: int = 0) -> tuple[int,
+                                                                                                               int]:
     if task == "seq-cls":
         return int((logits.argmax(-1) == labels).sum()), int(labels.shape[0])
     if num_virtual_tokens:

@@ -52,7 +52,7 @@ def predict_ensemble(backend, ds: Dataset, members: Sequence[Mapping[str, np.nda
     saved = backend.get_tensors()
     try:
         acc = None
-        for member, wi in zip(members, w):
+        for member, wi in zip(members, w, strict=False):
             apply_global_state(backend, member, partial=True)
             p = predict_proba(backend, ds, batch_size).astype(np.float64) * wi
             acc = p if acc is None else acc + p

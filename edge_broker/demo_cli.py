@@ -80,7 +80,8 @@ def demo_command(
     if report.get("initial_accuracy") is not None:
         t.add_row("0", f"{report['initial_accuracy']:.4f}", "", "", "")
     for r in report["rounds"]:
-        t.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['bytes_up'] / 1e3:,.0f}", f"{r['bytes_down'] / 1e3:,.0f}",
+        t.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['bytes_up'] / 1e3:,.0f}",
+                  f"{r['bytes_down'] / 1e3:,.0f}",
                   f"{r['wall_s']:.0f}")
     console.print(t)
     console.print(f"broker: {report['broker']}   wall time: {report['wall_s']:.0f}s   "

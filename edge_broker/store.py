@@ -229,7 +229,8 @@ class Store:
         """Mark devices silent for longer than ``silent_for_s`` as lost; return their ids."""
         cutoff = (time.time() if now is None else now) - silent_for_s
         with self._tx() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM devices WHERE status != 'lost' AND last_seen < ?", (cutoff,))]
+            ids = [r[0] for r in db.execute("SELECT id FROM devices WHERE status != 'lost' AND last_seen < ?",
+                                            (cutoff,))]
             db.executemany("UPDATE devices SET status='lost' WHERE id=?", [(i,) for i in ids])
         return ids
 
@@ -251,8 +252,10 @@ class Store:
         """Start a round; idempotent for a restarted coordinator (returns the existing record)."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO rounds(round, status, bundle_hash, config, started, deadline) VALUES (?,?,?,?,?,?)",
-                (round, "open", bundle_hash, json.dumps(dict(config or {})), time.time() if now is None else now, deadline),
+                "INSERT OR IGNORE INTO rounds(round, status, bundle_hash, config, started, deadline) "
+                "VALUES (?,?,?,?,?,?)",
+                (round, "open", bundle_hash, json.dumps(dict(config or {})), time.time() if now is None else now,
+                 deadline),
             )
         rec = self.round(round)
         assert rec is not None
@@ -263,7 +266,8 @@ class Store:
     def round(self, round: int) -> RoundRecord | None:
         with self._lock:
             r = self._db.execute(
-                "SELECT round, status, bundle_hash, config, started, deadline, closed, result FROM rounds WHERE round=?",
+                "SELECT round, status, bundle_hash, config, started, deadline, closed, result "
+                "FROM rounds WHERE round=?",
                 (round,)).fetchone()
         if r is None:
             return None
@@ -284,7 +288,8 @@ class Store:
             db.execute("UPDATE rounds SET status=?, result=COALESCE(?, result) WHERE round=?",
                        (status, json.dumps(dict(result)) if result is not None else None, round))
 
-    def commit_aggregate(self, round: int, tensors: Mapping[str, np.ndarray], *, result: Mapping[str, Any] | None = None,
+    def commit_aggregate(self, round: int, tensors: Mapping[str, np.ndarray], *,
+                         result: Mapping[str, Any] | None = None,
                          strategy_state: bytes | None = None, now: float | None = None) -> None:
         """Atomically: store the round's new global tensors, the strategy's state, and close the round."""
         blob = tensors_to_bytes(tensors)
@@ -369,13 +374,15 @@ class Store:
         """(round, tensors) for ``round``, or the latest stored; None if there is none."""
         with self._lock:
             if round is None:
-                r = self._db.execute("SELECT round, tensors, sha256 FROM globals ORDER BY round DESC LIMIT 1").fetchone()
+                r = self._db.execute(
+                    "SELECT round, tensors, sha256 FROM globals ORDER BY round DESC LIMIT 1").fetchone()
             else:
                 r = self._db.execute("SELECT round, tensors, sha256 FROM globals WHERE round=?", (round,)).fetchone()
         if r is None:
             return None
         if hashlib.sha256(r[1]).hexdigest() != r[2]:
-            raise StoreError(f"global tensors of round {r[0]} in {self.path} fail their sha256: the database is corrupt")
+            raise StoreError(f"global tensors of round {r[0]} in {self.path} fail their sha256: the database is "
+                             "corrupt")
         return r[0], tensors_from_bytes(r[1])
 
     def put_state(self, name: str, value: bytes) -> None:

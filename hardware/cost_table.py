@@ -57,7 +57,7 @@ class CostTable(BaseModel):
         """Latency and peak memory non-decreasing in depth (what the allocator's model assumes)."""
         return all(
             b.step_latency_s >= a.step_latency_s and b.peak_memory_bytes >= a.peak_memory_bytes
-            for a, b in zip(self.entries, self.entries[1:])
+            for a, b in zip(self.entries, self.entries[1:], strict=False)
         )
 
     def monotone(self) -> CostTable:

@@ -62,7 +62,8 @@ def test_one_bad_device_in_five_moves_fedavg_but_not_median_or_trimmed_mean(atta
     ups = [ClientUpdate(f"d{i}", d, samples=100) for i, d in enumerate(deltas)] + [ClientUpdate("evil", bad, 100)]
     target = {k: g[k] + honest_mean_of_4[k] for k in SHAPES}
     honest_step = _dist({k: honest_mean_of_4[k] for k in SHAPES}, {k: np.zeros(s) for k, s in SHAPES.items()})
-    err = {name: _dist(get_strategy(name).aggregate(g, ups)[0], target) for name in ("fedavg", "median", "trimmed_mean")}
+    err = {name: _dist(get_strategy(name).aggregate(g, ups)[0], target) for name in ("fedavg", "median",
+                                                                                     "trimmed_mean")}
     assert err["fedavg"] > 1.5 * honest_step, err  # FedAvg is dragged further than the honest step itself
     for robust in ("median", "trimmed_mean"):
         assert err[robust] < 0.1 * honest_step, err  # within the honest devices' noise

@@ -45,7 +45,8 @@ def test_bundle_download_resumes_after_a_device_restart(mosquitto_broker, mqtt_c
     missing = dev2.reassembler.missing(bid)
     assert missing == list(range(1, len(chunks), 2))
     inbox = dev2.subscribe(t.device_inbox("dev1")[0])
-    dev2.publish(t.bundle_request("dev1"), to_envelope(BundleRequest(bundle=bid, missing=missing), sender="dev1", fleet=FLEET))
+    dev2.publish(t.bundle_request("dev1"), to_envelope(BundleRequest(bundle=bid, missing=missing), sender="dev1",
+                                                       fleet=FLEET))
     req = parse_body(requests.get(timeout=5).envelope, BundleRequest)
     for i in req.missing:  # the edge resends exactly what is missing, addressed to that device
         edge.publish(t.bundle_to("dev1", bid), chunks[i], chunk=False)
@@ -76,7 +77,8 @@ def test_a_killed_device_publishes_its_last_will(mosquitto_broker, mqtt_client):
     b = mosquitto_broker.broker
     edge = mqtt_client(mosquitto_broker, "edge")
     statuses = edge.subscribe(t.status("dev2"))
-    proc = subprocess.Popen([sys.executable, "-c", _DEVICE, b.host, str(b.port), mosquitto_broker.passwords["dev2"], FLEET],
+    proc = subprocess.Popen([sys.executable, "-c", _DEVICE, b.host, str(b.port), mosquitto_broker.passwords["dev2"],
+                             FLEET],
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         assert proc.stdout.readline().strip() == "up"
@@ -120,7 +122,8 @@ def test_embedded_broker_restart_client_reconnects(tmp_path, mqtt_client):
             time.sleep(0.05)
         assert edge.connected and dev.connected
         time.sleep(0.3)  # the edge's re-subscription (no persistence on amqtt) reaches the broker
-        dev.publish(t.update("dev1", 1), Envelope.build("update", sender="dev1", fleet=FLEET, round=1, body=b"x"), timeout=15)
+        dev.publish(t.update("dev1", 1), Envelope.build("update", sender="dev1", fleet=FLEET, round=1, body=b"x"),
+                    timeout=15)
         assert q.get(timeout=10).envelope.body == b"x"
         assert edge.stats.connects == 2
     finally:

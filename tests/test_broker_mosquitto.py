@@ -102,7 +102,8 @@ def test_device_cannot_read_what_is_addressed_to_another(mosquitto_broker, mqtt_
     snoop = dev1.subscribe(f"deft/v1/{FLEET}/to/dev2/#")
     snoop_updates = dev1.subscribe(f"deft/v1/{FLEET}/device/+/update/+")
     inbox2 = dev2.subscribe(t.device_inbox("dev2")[0])
-    edge.publish(t.task_for("dev2", 5), Envelope.json_message("task", {"lr": 1e-3}, sender="edge", fleet=FLEET, round=5))
+    edge.publish(t.task_for("dev2", 5), Envelope.json_message("task", {"lr": 1e-3}, sender="edge", fleet=FLEET,
+                                                              round=5))
     dev2.publish(t.update("dev2", 5), _update("dev2", 5))
     assert inbox2.get(timeout=5).envelope.json() == {"lr": 1e-3}
     assert _nothing_arrives(snoop) and _nothing_arrives(snoop_updates, 0.3)
@@ -131,7 +132,8 @@ def test_oversize_that_cannot_be_chunked_is_refused_clearly_and_the_connection_s
         dev4.publish(t.update("dev4", 1), _update("dev4", 1, b"\0" * TEST_MAX_PACKET), chunk=False)
     edge = mqtt_client(mosquitto_broker, "edge")
     with pytest.raises(PayloadTooLarge, match="retained messages cannot be chunked"):
-        edge.publish(t.global_state(), Envelope.build("global", sender="edge", fleet=FLEET, body=b"\0" * TEST_MAX_PACKET),
+        edge.publish(t.global_state(),
+                     Envelope.build("global", sender="edge", fleet=FLEET, body=b"\0" * TEST_MAX_PACKET),
                      retain=True)
     time.sleep(1.0)  # a paho client that sent the packet would now be in its disconnect/resend loop
     assert dev4.connected and dev4.stats.connects == 1

@@ -24,7 +24,8 @@ DEFT = [sys.executable, "-c", "from deftkit.cli import main; main()"]
 
 def deft(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([*DEFT, *map(str, args)], check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*DEFT, *map(str, args)], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout,
                           env=env)
 
 

@@ -55,7 +55,8 @@ def split(message: Envelope, max_payload: int, transfer: str | None = None) -> l
     tid = transfer or message.header.key
     count = 1
     for _ in range(8):  # the header size depends on the digits of count; converges in 1-2 steps
-        probe = ChunkInfo(transfer=tid, index=max(count - 1, 0), count=count, total_length=len(body), total_sha256=total_sha)
+        probe = ChunkInfo(transfer=tid, index=max(count - 1, 0), count=count, total_length=len(body),
+                          total_sha256=total_sha)
         head_len = len(_chunk_header(message.header, probe, b"").model_dump_json(exclude_none=True).encode())
         per_chunk = max_payload - PREFIX_BYTES - head_len - _HEADER_SLACK
         if per_chunk < 256:
@@ -115,7 +116,8 @@ class Reassembler:
         if info is None:
             return env
         if info.index >= info.count:
-            raise EnvelopeError(f"chunk index {info.index} out of range for a {info.count}-chunk transfer {info.transfer}")
+            raise EnvelopeError(f"chunk index {info.index} out of range for a {info.count}-chunk transfer "
+                                f"{info.transfer}")
         if info.total_length > self.max_transfer_bytes:
             raise PayloadTooLarge(
                 f"transfer {info.transfer} announces {info.total_length} bytes, over this receiver's "
@@ -127,7 +129,8 @@ class Reassembler:
             if t is not None:
                 old = t.header.chunk
                 assert old is not None
-                if (old.count, old.total_sha256, old.total_length) != (info.count, info.total_sha256, info.total_length):
+                if (old.count, old.total_sha256, old.total_length) != (info.count, info.total_sha256,
+                                                                       info.total_length):
                     # the sender restarted the transfer with different content: start over
                     self._drop(info.transfer)
                     t = None

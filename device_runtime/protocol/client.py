@@ -11,6 +11,7 @@ queues, keeping paho's network thread free of application code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -315,10 +316,8 @@ class DeftClient:
         if c is None:
             return
         self._stopping = True
-        try:
+        with contextlib.suppress(Exception):  # best effort on the way out
             c.disconnect()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
         c.loop_stop()
         self._paho = None
         self._connected.clear()
@@ -385,7 +384,8 @@ class DeftClient:
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: ReasonCode, props: object) -> None:
         self._pub.done(mid, rc)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, rcs: list[ReasonCode], props: object) -> None:
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, rcs: list[ReasonCode],
+                      props: object) -> None:
         self._suback.done(mid, rcs)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:

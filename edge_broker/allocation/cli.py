@@ -6,7 +6,7 @@ failure prints a one-line ``error: ...`` on stderr.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -14,7 +14,7 @@ import typer
 from edge_broker.allocation.instance import AllocationError, Infeasible
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     crunch = "crunch"
     joint = "joint"
     greedy = "greedy"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -39,7 +40,8 @@ class Account:
             raise BrokerError(f"password of {self.username!r} is empty or contains ':' or a newline: choose another")
 
 
-def make_accounts(devices: list[str], edge_user: str = "edge", passwords: dict[str, str] | None = None) -> list[Account]:
+def make_accounts(devices: list[str], edge_user: str = "edge", passwords: dict[str,
+                                                                               str] | None = None) -> list[Account]:
     """An edge account and one account per device, with random passwords unless given."""
     passwords = passwords or {}
     names = [edge_user, *devices]
@@ -70,7 +72,8 @@ def load_accounts(path: str | Path) -> list[Account]:
     except FileNotFoundError:
         raise BrokerError(f"accounts file {path} not found: create it with `deft edge broker --devices ...`") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise BrokerError(f"accounts file {path} is malformed ({exc}): expected {{\"accounts\": [{{username, password, role}}]}}") from None
+        raise BrokerError(f"accounts file {path} is malformed ({exc}): expected "
+                          f"{{\"accounts\": [{{username, password, role}}]}}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -108,10 +111,8 @@ def end_process(p: subprocess.Popen | None, timeout: float = 10.0, *, graceful: 
     if p.poll() is None:
         if graceful:
             p.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         if p.poll() is None:
             p.kill()
             p.wait(5)

@@ -60,7 +60,8 @@ def broker_command(
         raise typer.Exit(2) from None
 
     edge = next(a for a in accounts if a.role == "edge")
-    watch = f"mosquitto_sub -h {broker.host} -p {broker.port} -u {edge.username} -P '<password>' -t '{Topics(fleet).everything()}' -v"
+    watch = (f"mosquitto_sub -h {broker.host} -p {broker.port} -u {edge.username} -P '<password>' "
+             f"-t '{Topics(fleet).everything()}' -v")
     summary = {"broker": broker.kind, "url": broker.url, "accounts": str(path), "fleet": fleet,
                "devices": [a.username for a in accounts if a.role == "device"], "watch": watch}
     if json_out:

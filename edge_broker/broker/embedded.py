@@ -108,16 +108,17 @@ class EmbeddedBroker(Broker):
             )
         warnings.warn(LIMITS, EmbeddedBrokerWarning, stacklevel=2)
         log.warning(LIMITS)
-        logf = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_broker.broker.embedded", str(self.conf_path)],
-            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        logf.close()
-        if not wait_port(self.host, self.port, timeout, alive=lambda: self._proc is not None and self._proc.poll() is None):
+        with open(self.log_path, "ab") as logf:  # the child keeps its own descriptor
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_broker.broker.embedded", str(self.conf_path)],
+                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        if not wait_port(self.host, self.port, timeout,
+                         alive=lambda: self._proc is not None and self._proc.poll() is None):
             self.kill()
             tail = self.log_path.read_text(errors="replace")[-400:] if self.log_path.exists() else ""
-            raise BrokerError(f"the embedded broker did not start on {self.host}:{self.port}: {tail.strip() or 'no output'}")
+            raise BrokerError(f"the embedded broker did not start on {self.host}:{self.port}: "
+                              f"{tail.strip() or 'no output'}")
         return self
 
     @property

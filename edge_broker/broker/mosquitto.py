@@ -108,7 +108,8 @@ def render_config(cfg: MosquittoConfig, workdir: Path) -> str:
         lines += ["", f"listener {cfg.port} {cfg.host}", "protocol mqtt"]
     if cfg.tls is not None:
         t = cfg.tls
-        lines += ["", f"listener {t.port} {cfg.host}", "protocol mqtt", f"certfile {t.certfile}", f"keyfile {t.keyfile}"]
+        lines += ["", f"listener {t.port} {cfg.host}", "protocol mqtt", f"certfile {t.certfile}",
+                  f"keyfile {t.keyfile}"]
         if t.cafile:
             lines.append(f"cafile {t.cafile}")
         if t.require_client_cert:
@@ -176,14 +177,16 @@ class MosquittoBroker(Broker):
             [self.binary, "-c", str(self.conf_path)],  # type: ignore[list-item]
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )
-        if not wait_port(self.host, self.port, timeout, alive=lambda: self._proc is not None and self._proc.poll() is None):
+        if not wait_port(self.host, self.port, timeout,
+                         alive=lambda: self._proc is not None and self._proc.poll() is None):
             err = b""
             if self._proc.poll() is not None and self._proc.stderr is not None:
                 err = self._proc.stderr.read()
             self.kill()
             tail = self._log_tail(log_offset) or err.decode(errors="replace").strip()
             hint = " (is the port in use? pick another with --port)" if "in use" in tail else ""
-            raise BrokerError(f"mosquitto did not start on {self.host}:{self.port}{hint}: {tail[-400:] or 'no log output'}")
+            raise BrokerError(f"mosquitto did not start on {self.host}:{self.port}{hint}: "
+                              f"{tail[-400:] or 'no log output'}")
         return self
 
     def _log_tail(self, offset: int) -> str:
