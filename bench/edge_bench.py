@@ -60,6 +60,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deftkit import __version__
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
@@ -182,7 +184,7 @@ def _worker(conn: Any, host: str, port: int, creds: list[tuple[str, str]], clien
         c.subscribe(t.device_inbox(dev)[1], into=q)
         clients[dev], inboxes[dev] = c, q
         # retained, like the device agent's hello: the coordinator registers the device whenever it subscribes
-        c.publish(t.hello(dev), to_envelope(Hello(kit_version="0.1.0", profile={"board": "bench-sim"}),
+        c.publish(t.hello(dev), to_envelope(Hello(kit_version=__version__, profile={"board": "bench-sim"}),
                                             sender=dev, fleet=FLEET), retain=True, timeout=30)
 
     try:

@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from deftkit import __version__
+from device_runtime.atomic import atomic_write_bytes
 from device_runtime.bundle.archive import BundleCache
 from device_runtime.bundle.load import Bundle
 from device_runtime.errors import DeviceError
 from device_runtime.payload import ENCODINGS
 from device_runtime.protocol import (
+    DEFAULT_FLEET,
     Ack,
     AuthRefused,
     BundleRequest,
@@ -45,7 +48,6 @@ from device_runtime.protocol import (
 
 log = logging.getLogger("deft.device")
 
-KIT_VERSION = "0.1.0"
 
 
 class AgentConfig(BaseModel):
@@ -56,7 +58,7 @@ class AgentConfig(BaseModel):
     broker: str
     device_id: str
     password: str | None = None
-    fleet: str = "demo"
+    fleet: str = DEFAULT_FLEET
     data: Path
     text_column: str | None = None
     label_column: str | None = None
@@ -128,7 +130,7 @@ class DeviceAgent:
         self.bundles = client.subscribe(f"{t.base}/to/{me}/bundle/+")
         self.globals = client.subscribe(t.global_state())
         client.publish(t.status(me), to_envelope(Status(state="online"), sender=me, fleet=self.cfg.fleet), retain=True)
-        hello = Hello(kit_version=KIT_VERSION, profile=self.cfg.profile, bundles=self.cache.hashes(),
+        hello = Hello(kit_version=__version__, profile=self.cfg.profile, bundles=self.cache.hashes(),
                       capabilities={"backend": self.cfg.backend, "encodings": list(ENCODINGS)})
         # retained, like a birth message: a coordinator that starts (or restarts) later still sees it
         client.publish(t.hello(me), to_envelope(hello, sender=me, fleet=self.cfg.fleet), retain=True)
@@ -222,8 +224,6 @@ class DeviceAgent:
                              base=start if task.delta else None)
         env = Envelope.build("update", sender=me, fleet=self.cfg.fleet, round=task.round, body=blob,
                              content="safetensors", key=f"{me}-r{task.round}-{zlib.crc32(blob):08x}")
-        from device_runtime.checkpointing import atomic_write_bytes
-
         sent.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(sent, env.encode())  # before sending: a restarted device resends, never retrains
         self._upload(env, task, state, report)
@@ -380,8 +380,6 @@ class DeviceAgent:
         self._drain_globals() if self._client is not None else None
         g = self._global
         if g is not None:
-            from device_runtime.checkpointing import atomic_write_bytes
-
             atomic_write_bytes(self.workdir / "global.safetensors", g.body)
             (self.workdir / "global.json").write_text(json.dumps({"round": g.header.round, "sha256": g.header.sha256}))
 

@@ -16,7 +16,8 @@ from typing import Optional
 import numpy as np
 import typer
 
-from device_runtime.errors import DeviceError
+from device_runtime.errors import DeviceError, first_error
+from device_runtime.protocol.topics import DEFAULT_FLEET
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Train, evaluate and predict on a device (ONNX Runtime; no torch needed).")
@@ -148,7 +149,7 @@ def _train(*, bundle, data, eval_data, epochs, steps, batch_size, lr, schedule, 
     report = dict(result.report)
     report["payload_bytes"] = None
     if out is not None:
-        from device_runtime.checkpointing import atomic_write_bytes
+        from device_runtime.atomic import atomic_write_bytes
 
         metrics = {k: report[k] for k in ("eval_accuracy", "eval_loss", "train_rows", "steps")
                    if report.get(k) is not None}
@@ -202,8 +203,8 @@ def eval_command(
     from device_runtime.bundle.load import load_bundle
     from device_runtime.data import load_dataset
     from device_runtime.evaluate import evaluate
+    from device_runtime.resources import peak_rss_mb
     from device_runtime.state import apply_global_state
-    from device_runtime.train import peak_rss_mb
 
     try:
         b = load_bundle(bundle)
@@ -297,7 +298,7 @@ def run_command(
     device_id: str = typer.Option(..., "--id", help="This device's id (also its MQTT user name)."),
     data: Path = typer.Option(..., "--data", help="Local training data (TSV/CSV/JSONL); it never leaves the device."),
     password: str | None = typer.Option(None, "--password", help="MQTT password (or DEFT_PASSWORD, or in the URL)."),
-    fleet: str = typer.Option("default", "--fleet", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
+    fleet: str = typer.Option(DEFAULT_FLEET, "--fleet", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
     workdir: Path | None = typer.Option(None, "--workdir",
                                         help="Bundles, checkpoints, spool (default ./deft-device-<id>)."),
     bundle: Path | None = typer.Option(None, "--bundle", help="A bundle already on this device (skips the download)."),
@@ -340,8 +341,7 @@ def run_command(
         if bundle is not None:
             agent.cache.add_dir(bundle)
     except ValidationError as exc:
-        e = exc.errors()[0]
-        _fail(f"{'.'.join(map(str, e['loc']))}: {e['msg']}")
+        _fail("{}: {}".format(*first_error(exc)))
     except (DeviceError, ProtocolError) as exc:
         _fail(str(exc))
 

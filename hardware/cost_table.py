@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from device_runtime.errors import DeftError
+from device_runtime.errors import DeftError, first_error
 from hardware.profiles import Profile
 
 
@@ -108,6 +108,5 @@ class CostTable(BaseModel):
         except json.JSONDecodeError as exc:
             raise CostTableError(f"cost table {p} is not valid JSON ({exc.msg})") from None
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            raise CostTableError(f"cost table {p}: field '{loc}': {err['msg']}") from None
+            loc, msg = first_error(exc, "(top level)")
+            raise CostTableError(f"cost table {p}: field '{loc}': {msg}") from None

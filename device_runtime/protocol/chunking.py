@@ -11,13 +11,13 @@ device asks the edge to resend.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device_runtime.atomic import atomic_write_bytes
 from device_runtime.protocol.envelope import PREFIX_BYTES, ChunkInfo, Envelope, Header, sha256_hex
 from device_runtime.protocol.errors import EnvelopeError, HashMismatch, PayloadTooLarge
 
@@ -189,13 +189,13 @@ class Reassembler:
             return
         d = self._dir(transfer)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / "header.json", header.model_dump_json().encode())
+        atomic_write_bytes(d / "header.json", header.model_dump_json().encode())
 
     def _store(self, transfer: str, t: _Transfer, index: int, body: bytes) -> None:
         if self.spool is None:
             t.parts[index] = body
         else:
-            _atomic_write(self._dir(transfer) / f"{index}.part", body)
+            atomic_write_bytes(self._dir(transfer) / f"{index}.part", body)
         t.have.add(index)
 
     def _load(self, transfer: str, t: _Transfer, index: int) -> bytes:
@@ -226,12 +226,3 @@ class Reassembler:
                 continue
             have = {int(p.stem) for p in d.glob("*.part") if p.stem.isdigit() and int(p.stem) < header.chunk.count}
             self._t[d.name] = _Transfer(header=header, have=have)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from device_runtime.errors import first_error
 from device_runtime.protocol.errors import EnvelopeError, HashMismatch, TruncatedEnvelope, UnsupportedVersion
 from device_runtime.protocol.topics import PROTOCOL_VERSION, check_id
 
@@ -166,9 +167,8 @@ class Envelope:
         try:
             header = Header.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "header"
-            raise EnvelopeError(f"invalid envelope header field {where!r}: {first['msg']}") from None
+            where, msg = first_error(exc, "header")
+            raise EnvelopeError(f"invalid envelope header field {where!r}: {msg}") from None
         body = data[PREFIX_BYTES + hlen :]
         if len(body) < header.length:
             raise TruncatedEnvelope(

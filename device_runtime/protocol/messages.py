@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from device_runtime.errors import first_error
 from device_runtime.payload import Encoding
 from device_runtime.protocol.envelope import Envelope, MsgType
 from device_runtime.protocol.errors import EnvelopeError
@@ -89,6 +90,5 @@ def parse_body(env: Envelope, model: type[M]) -> M:
     try:
         return model.model_validate_json(env.body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(map(str, err["loc"])) or "body"
-        raise EnvelopeError(f"{expected} message from {env.header.sender}: field {where!r}: {err['msg']}") from None
+        where, msg = first_error(exc, "body")
+        raise EnvelopeError(f"{expected} message from {env.header.sender}: field {where!r}: {msg}") from None

@@ -34,6 +34,8 @@ from device_runtime.protocol.errors import TopicError
 PROTOCOL_VERSION = 1
 ROOT = "deft"
 VERSION_SEGMENT = f"v{PROTOCOL_VERSION}"
+#: the fleet every command and config uses unless told otherwise (the demo names its own, "demo")
+DEFAULT_FLEET = "default"
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # a bundle hash or transfer id: hex or an id

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from device_runtime.protocol.topics import DEFAULT_FLEET
 from edge_broker.broker.base import (
     Account,
     Broker,
@@ -45,7 +46,7 @@ def start_broker(
 
     if kind not in ("auto", "mosquitto", "embedded"):
         raise BrokerError(f"unknown broker kind {kind!r}: use auto, mosquitto or embedded")
-    fleets = fleets or ["default"]
+    fleets = fleets or [DEFAULT_FLEET]
     if port == 0:
         port = free_port(host)  # 0: any free port (Mosquitto would read "listener 0" as a unix socket)
     if not 0 < port < 65536:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import signal
 import socket
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from device_runtime.atomic import atomic_write_text
 from device_runtime.errors import DeftError
 from device_runtime.protocol.topics import check_id
 
@@ -57,12 +57,7 @@ def save_accounts(path: str | Path, accounts: list[Account]) -> Path:
     """Write the accounts (with passwords) readable by the owner only: this is how devices are provisioned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"accounts": [asdict(a) for a in accounts]}, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps({"accounts": [asdict(a) for a in accounts]}, indent=2), mode=0o600)
 
 
 def load_accounts(path: str | Path) -> list[Account]:

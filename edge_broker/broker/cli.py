@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from device_runtime.protocol.errors import ProtocolError
-from device_runtime.protocol.topics import Topics, check_id
+from device_runtime.protocol.topics import DEFAULT_FLEET, Topics, check_id
 
 
 def broker_command(
@@ -21,7 +21,7 @@ def broker_command(
                                        "existing accounts are kept, new devices added."),
     host: str = typer.Option("127.0.0.1", help="Listen address (loopback unless you mean it)."),
     port: int = typer.Option(1883, help="Plain MQTT port."),
-    fleet: str = typer.Option("default", help="Fleet name (the topic tree is deft/v1/<fleet>/...)."),
+    fleet: str = typer.Option(DEFAULT_FLEET, help="Fleet name (the topic tree is deft/v1/<fleet>/...)."),
     max_packet_size: int = typer.Option(8 * 1024 * 1024, help="Largest MQTT packet; clients chunk above it."),
     tls_cert: Path = typer.Option(None, help="Server certificate (PEM) for an mqtts:// listener (Mosquitto)."),
     tls_key: Path = typer.Option(None, help="Server key (PEM)."),

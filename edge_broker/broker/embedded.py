@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from device_runtime.protocol.topics import ROOT, VERSION_SEGMENT, acl_patterns
+from device_runtime.protocol.topics import DEFAULT_FLEET, ROOT, VERSION_SEGMENT, acl_patterns
 from edge_broker.broker.base import Account, Broker, BrokerError, end_process, port_open, wait_port
 
 log = logging.getLogger("deft.broker")
@@ -79,7 +79,7 @@ class EmbeddedBroker(Broker):
         self.workdir = Path(workdir)
         self.accounts = accounts
         self.host, self.port = host, port
-        self.fleets = fleets or ["default"]
+        self.fleets = fleets or [DEFAULT_FLEET]
         self.max_packet_size = EMBEDDED_MAX_PACKET_SIZE
         self.conf_path = self.workdir / "amqtt.json"
         self.log_path = self.workdir / "amqtt.log"

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from device_runtime.protocol.topics import ROOT, VERSION_SEGMENT, acl_patterns, check_id
+from device_runtime.protocol.topics import DEFAULT_FLEET, ROOT, VERSION_SEGMENT, acl_patterns, check_id
 from edge_broker.broker.base import Account, Broker, BrokerError, end_process, port_open, wait_port
 
 DEFAULT_MAX_PACKET_SIZE = 8 * 1024 * 1024
@@ -54,7 +54,7 @@ class TLSListener:
 class MosquittoConfig:
     host: str = "127.0.0.1"
     port: int = 1883
-    fleets: list[str] = field(default_factory=lambda: ["default"])
+    fleets: list[str] = field(default_factory=lambda: [DEFAULT_FLEET])
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     #: per-client queue while offline / in flight; bounded so a dead device cannot eat the edge's memory
     max_queued_messages: int = 1000

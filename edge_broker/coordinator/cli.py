@@ -11,6 +11,9 @@ from pathlib import Path
 
 import typer
 
+from device_runtime.errors import first_error
+from device_runtime.protocol.topics import DEFAULT_FLEET
+
 
 def _password(password: str | None, accounts: Path | None, user: str) -> str | None:
     if password:
@@ -32,7 +35,7 @@ def serve_command(
     broker: str = typer.Option(..., help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in the URL)."),
     workdir: Path = typer.Option(Path("edge-run"), help="State (SQLite), report and adapter go here; "
                                  "starting again with the same workdir resumes the run."),
-    fleet: str = typer.Option("default", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
+    fleet: str = typer.Option(DEFAULT_FLEET, help="Fleet name (topic tree deft/v1/<fleet>/...)."),
     username: str = typer.Option("edge", help="The edge's MQTT account."),
     password: str = typer.Option(None, help="Its password (or DEFT_PASSWORD, or --accounts)."),
     accounts: Path = typer.Option(None, help="accounts.json written by `deft edge broker` (password lookup)."),
@@ -97,8 +100,7 @@ def serve_command(
             total_bandwidth=total_bandwidth, max_packet_size=max_packet_size)
         coord = Coordinator(cfg)
     except ValidationError as exc:
-        e = exc.errors()[0]
-        typer.echo(f"error: {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}", err=True)
+        typer.echo("error: {}: {}".format(*first_error(exc, "config")), err=True)
         raise typer.Exit(2) from None
     except (CoordinatorError, AggregationError, StoreError) as exc:
         typer.echo(f"error: {exc}", err=True)

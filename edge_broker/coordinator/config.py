@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from device_runtime.errors import DeftError
 from device_runtime.payload import Encoding
+from device_runtime.protocol.topics import DEFAULT_FLEET
 
 
 class CoordinatorError(DeftError):
@@ -21,7 +22,7 @@ class CoordinatorConfig(BaseModel):
     broker: str = Field(description="mqtt://host:port or mqtts://...")
     username: str = "edge"
     password: str | None = None
-    fleet: str = "demo"
+    fleet: str = DEFAULT_FLEET
     bundle: Path
     workdir: Path
     rounds: int = Field(3, ge=1)
