@@ -12,7 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from device_runtime.atomic import atomic_write_text
 from device_runtime.errors import DeftError
@@ -149,3 +149,69 @@ class Broker(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ProcessBroker(Broker):
+    """A broker the kit runs as a child process from files it writes (Mosquitto, embedded amqtt):
+    start / stop / kill / restart are the same for both; subclasses say how to write the files,
+    spawn the process and explain a failed start."""
+
+    #: how messages name the broker ("mosquitto", "the embedded broker")
+    label: str = "the broker"
+    #: seconds ``start`` waits for the port by default
+    start_timeout: float = 10.0
+    conf_path: Path
+    log_path: Path
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @abstractmethod
+    def write_files(self) -> Path:
+        """Write the broker's config (accounts, ACL); return the config path."""
+
+    @abstractmethod
+    def _spawn(self) -> Any:
+        """Start the process (``self._proc``); return what :meth:`_start_failure` needs."""
+
+    @abstractmethod
+    def _start_failure(self, ctx: Any) -> str:
+        """Why the process did not come up (its log or stderr), for the error message."""
+
+    def start(self, timeout: float | None = None) -> ProcessBroker:
+        """Start the process (writing the files first if needed); return once it accepts connections."""
+        if self.is_running():
+            return self
+        if not self.conf_path.exists():
+            self.write_files()
+        if port_open(self.host, self.port):
+            raise BrokerError(
+                f"{self.label} did not start on {self.host}:{self.port}: the port is already in use "
+                "(another broker?); pick another with --port, or 0 for any free port"
+            )
+        ctx = self._spawn()
+        if not wait_port(self.host, self.port, self.start_timeout if timeout is None else timeout,
+                         alive=self.is_running):
+            why = self._start_failure(ctx)
+            self.kill()
+            raise BrokerError(f"{self.label} did not start on {self.host}:{self.port}{why}")
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a broker saves its persistence file), then SIGKILL if it hangs."""
+        end_process(self._proc, timeout)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for tests. Messages not yet saved are lost, as on a real crash."""
+        end_process(self._proc, graceful=False)
+        self._proc = None
+
+    def restart(self, timeout: float | None = None) -> None:
+        self.stop()
+        self.start(timeout)
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
