@@ -10,14 +10,23 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import typer
 
+from device_runtime.backends import BACKENDS
 from device_runtime.errors import DeviceError, first_error
+from device_runtime.payload import ENCODINGS
 from device_runtime.protocol.topics import DEFAULT_FLEET
+
+# the choices typer offers and checks (one list each, from where they are defined)
+Schedule = StrEnum("Schedule", {s: s for s in ("linear", "constant", "cosine")})
+LongRows = StrEnum("LongRows", {s: s for s in ("truncate", "skip")})
+EncodingChoice = StrEnum("EncodingChoice", {e: e for e in ENCODINGS})
+BackendChoice = StrEnum("BackendChoice", {b: b for b in BACKENDS})
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Train, evaluate and predict on a device (ONNX Runtime; no torch needed).")
@@ -77,7 +86,7 @@ def train(
     steps: int | None = typer.Option(None, "--steps", help="Total optimizer steps (overrides --epochs)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
-    schedule: str = typer.Option("linear", "--schedule", help="linear | constant | cosine"),
+    schedule: Schedule = typer.Option(Schedule.linear, "--schedule", help="Learning-rate schedule."),
     warmup_steps: int = typer.Option(0, "--warmup-steps"),
     seed: int = typer.Option(0, "--seed", help="Data order and dropout seed."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
@@ -85,11 +94,11 @@ def train(
     text_column: str | None = typer.Option(None, "--text-column", help="Default: sentence / text."),
     label_column: str | None = typer.Option(None, "--label-column", help="Default: label."),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N usable training rows."),
-    long_rows: str = typer.Option("truncate", "--long-rows", help="truncate | skip rows over max length."),
+    long_rows: LongRows = typer.Option(LongRows.truncate, "--long-rows", help="Truncate or skip rows over max length."),
     global_state: Path | None = typer.Option(None, "--global-state",
                                                 help="Start from these tensors (payload or safetensors)."),
     out: Path | None = typer.Option(None, "--out", help="Write the update payload here."),
-    encoding: str = typer.Option("fp32", "--encoding", help="fp32 | fp16 | int8 | int8-row"),
+    encoding: EncodingChoice = typer.Option("fp32", "--encoding", help="How the payload stores values."),
     delta: bool = typer.Option(False, "--delta/--full", help="Send the change from the start tensors."),
     topk: float | None = typer.Option(None, "--topk", help="Keep this fraction of entries per tensor."),
     device_id: str = typer.Option("device", "--device-id"),
@@ -99,7 +108,7 @@ def train(
     checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints",
                                           help="Keep the checkpoint directory after a finished run."),
-    backend: str = typer.Option("ort", "--backend", help="ort (default) | torch"),
+    backend: BackendChoice = typer.Option("ort", "--backend", help="Training backend."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads to use (default: all cores)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report as the last stdout line."),
@@ -118,16 +127,12 @@ def _train(*, bundle, data, eval_data, epochs, steps, batch_size, lr, schedule, 
            as_json) -> dict:
     from device_runtime.bundle.load import load_bundle
     from device_runtime.data import load_dataset
-    from device_runtime.payload import ENCODINGS, encode_update
+    from device_runtime.payload import encode_update
     from device_runtime.train import TrainConfig
     from device_runtime.train import train as run_training
 
-    if schedule not in ("linear", "constant", "cosine"):
-        raise DeviceError(f"unknown schedule {schedule!r}; choose linear, constant or cosine")
-    if long_rows not in ("truncate", "skip"):
-        raise DeviceError(f"--long-rows must be truncate or skip, not {long_rows!r}")
-    if encoding not in ENCODINGS:
-        raise DeviceError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    # typer checked the choices; plain strings from here on
+    schedule, long_rows, encoding, backend = schedule.value, long_rows.value, encoding.value, backend.value
     if topk is not None and not 0 < topk <= 1:
         raise DeviceError(f"--topk {topk} must be a fraction in (0, 1]")
     b = load_bundle(bundle)
@@ -194,7 +199,7 @@ def eval_command(
     text_column: str | None = typer.Option(None, "--text-column"),
     label_column: str | None = typer.Option(None, "--label-column"),
     batch_size: int = typer.Option(64, "--batch-size"),
-    backend: str = typer.Option("ort", "--backend"),
+    backend: BackendChoice = typer.Option("ort", "--backend"),
     threads: int | None = typer.Option(None, "--threads"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -210,7 +215,7 @@ def eval_command(
         b = load_bundle(bundle)
         ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, label_column=label_column,
                           max_length=max_length)
-        be = make_backend(b, backend, threads=threads)
+        be = make_backend(b, backend.value, threads=threads)
         if state is not None:
             apply_global_state(be, _load_tensors(state, be.get_tensors))
         res = evaluate(be, ds, batch_size)
@@ -238,7 +243,7 @@ def predict(
     text_column: str | None = typer.Option(None, "--text-column"),
     max_length: int | None = typer.Option(None, "--max-length"),
     batch_size: int = typer.Option(64, "--batch-size"),
-    backend: str = typer.Option("ort", "--backend"),
+    backend: BackendChoice = typer.Option("ort", "--backend"),
     threads: int | None = typer.Option(None, "--threads"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -258,7 +263,7 @@ def predict(
                               max_length=max_length)
         else:
             ds = tokenize_texts(list(text), b.manifest, b.tokenizer, max_length)
-        be = make_backend(b, backend, threads=threads)
+        be = make_backend(b, backend.value, threads=threads)
         if state is not None:
             apply_global_state(be, _load_tensors(state, be.get_tensors))
         if member:
@@ -297,7 +302,8 @@ def run_command(
                                help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in it)."),
     device_id: str = typer.Option(..., "--id", help="This device's id (also its MQTT user name)."),
     data: Path = typer.Option(..., "--data", help="Local training data (TSV/CSV/JSONL); it never leaves the device."),
-    password: str | None = typer.Option(None, "--password", help="MQTT password (or DEFT_PASSWORD, or in the URL)."),
+    password: str | None = typer.Option(None, "--password", envvar="DEFT_PASSWORD",
+                                        help="MQTT password (or in the URL)."),
     fleet: str = typer.Option(DEFAULT_FLEET, "--fleet", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
     workdir: Path | None = typer.Option(None, "--workdir",
                                         help="Bundles, checkpoints, spool (default ./deft-device-<id>)."),
@@ -305,7 +311,7 @@ def run_command(
     board: str | None = typer.Option(None, "--board", help="Hardware profile name sent in the hello (e.g. rpi5-8gb)."),
     text_column: str | None = typer.Option(None, "--text-column"),
     label_column: str | None = typer.Option(None, "--label-column"),
-    backend: str = typer.Option("ort", "--backend", help="ort (default) or torch."),
+    backend: BackendChoice = typer.Option("ort", "--backend", help="Training backend."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for training."),
     max_rounds: int | None = typer.Option(None, "--max-rounds", help="Exit after this many rounds."),
     max_packet_size: int | None = typer.Option(None, "--max-packet-size",
@@ -316,7 +322,6 @@ def run_command(
 ) -> None:
     """Join a fleet: train on each round's task and upload the update, until stopped (Ctrl-C / SIGTERM)."""
     import logging
-    import os
     import signal
 
     from pydantic import ValidationError
@@ -332,9 +337,9 @@ def run_command(
         if not data.is_file():
             raise DeviceError(f"data file {data} does not exist")
         profile = {"board": board} if board else {}
-        cfg = AgentConfig(broker=broker, device_id=device_id, password=password or os.environ.get("DEFT_PASSWORD"),
+        cfg = AgentConfig(broker=broker, device_id=device_id, password=password,
                           fleet=fleet, data=data, workdir=workdir or Path(f"deft-device-{device_id}"),
-                          text_column=text_column, label_column=label_column, profile=profile, backend=backend,
+                          text_column=text_column, label_column=label_column, profile=profile, backend=backend.value,
                           threads=threads, max_rounds=max_rounds, idle_exit_s=idle_exit,
                           max_packet_size=max_packet_size)
         agent = DeviceAgent(cfg)

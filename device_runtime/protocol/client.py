@@ -37,7 +37,7 @@ from device_runtime.protocol.errors import (
     PublishTimeout,
     SubscribeRefused,
 )
-from device_runtime.protocol.topics import TopicInfo, parse_topic, topic_matches
+from device_runtime.protocol.topics import TopicInfo, parse_topic
 from device_runtime.protocol.url import parse_broker_url
 
 log = logging.getLogger("deft.mqtt")
@@ -410,7 +410,7 @@ class DeftClient:
         item = Received(topic, env, bool(msg.retain), info)
         with self._subs_lock:
             for s in self._subs:
-                if topic_matches(s.filter, topic):
+                if mqtt.topic_matches_sub(s.filter, topic):
                     s.queue.put(item)
                     return
         self.inbox.put(item)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -16,10 +15,8 @@ from device_runtime.protocol.topics import DEFAULT_FLEET
 
 
 def _password(password: str | None, accounts: Path | None, user: str) -> str | None:
-    if password:
+    if password:  # --password or DEFT_PASSWORD
         return password
-    if os.environ.get("DEFT_PASSWORD"):
-        return os.environ["DEFT_PASSWORD"]
     if accounts is not None:
         from edge_broker.broker import load_accounts
 
@@ -37,7 +34,7 @@ def serve_command(
                                  "starting again with the same workdir resumes the run."),
     fleet: str = typer.Option(DEFAULT_FLEET, help="Fleet name (topic tree deft/v1/<fleet>/...)."),
     username: str = typer.Option("edge", help="The edge's MQTT account."),
-    password: str = typer.Option(None, help="Its password (or DEFT_PASSWORD, or --accounts)."),
+    password: str = typer.Option(None, envvar="DEFT_PASSWORD", help="Its password (or --accounts)."),
     accounts: Path = typer.Option(None, help="accounts.json written by `deft edge broker` (password lookup)."),
     devices: str = typer.Option("",
                                 help="Comma-separated device ids of the fleet (default: any device that says hello)."),
