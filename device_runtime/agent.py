@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,21 @@ class AgentConfig(BaseModel):
     idle_exit_s: float | None = None
 
 
+def retry_delays(first: float, *, factor: float = 2.0, step: float = 0.0, cap: float = 10.0,
+                 attempts: int | None = None, deadline: float | None = None) -> Iterator[float]:
+    """The waits between retries: ``first``, then ``previous * factor + step``, at most ``cap`` each;
+    ``attempts`` waits at most, and none that would end past ``deadline`` (``time.monotonic()``).
+    The one backoff rule of the agent (connecting, uploading)."""
+    delay, n = first, 0
+    while attempts is None or n < attempts:
+        wait = min(delay, cap)
+        if deadline is not None and time.monotonic() + wait > deadline:
+            return
+        yield wait
+        n += 1
+        delay = delay * factor + step
+
+
 class AgentError(DeviceError):
     """The agent cannot go on (wrong password, a task it cannot train). Printed as ``error: ...``."""
 
@@ -109,8 +124,7 @@ class DeviceAgent:
                                      password=self.cfg.password, will=will, keepalive=10,
                                      spool_dir=str(self.workdir / "spool"), reconnect_max_s=5.0,
                                      max_packet_size=self.cfg.max_packet_size)
-        deadline = time.monotonic() + self.cfg.connect_timeout_s
-        delay = 0.5
+        delays = retry_delays(0.5, deadline=time.monotonic() + self.cfg.connect_timeout_s)
         while True:
             try:
                 client.connect(timeout=10)
@@ -118,11 +132,11 @@ class DeviceAgent:
             except AuthRefused as exc:
                 raise AgentError(str(exc)) from None
             except ConnectError as exc:
-                if time.monotonic() + delay > deadline or self.stop_event.is_set():
+                delay = next(delays, None)
+                if delay is None or self.stop_event.is_set():
                     raise AgentError(str(exc)) from None
                 log.info("broker not reachable (%s); retrying in %.1fs", exc, delay)
                 self.stop_event.wait(delay)
-                delay = min(delay * 2, 10.0)
         self._client = client
         self.tasks = client.subscribe(f"{t.base}/to/{me}/task/+")
         client.subscribe(f"{t.base}/all/task/+", into=self.tasks)
@@ -236,14 +250,15 @@ class DeviceAgent:
         t, me = self.topics, self.cfg.device_id
         state.update(state="uploading")
         ack: Ack | None = None
-        for attempt in range(1, 6):
+        # five attempts; after a failed publish wait 2, 4, 6, 8, 10 s by attempt; no ack: resend at once
+        for attempt, delay in enumerate(retry_delays(2.0, factor=1.0, step=2.0, attempts=5), start=1):
             if self.stop_event.is_set():
                 return
             try:
                 self._client.publish(t.update(me, task.round), env, timeout=60)
             except ProtocolError as exc:
                 log.warning("round %d: upload attempt %d failed (%s); retrying", task.round, attempt, exc)
-                self.stop_event.wait(min(2.0 * attempt, 10.0))
+                self.stop_event.wait(delay)
                 continue
             ack = self._wait_ack(env.header.key, self.cfg.ack_timeout_s)
             if ack is not None:
