@@ -341,9 +341,6 @@ class DeftClient:
         """Incomplete transfers: ``client.reassembler.missing(bundle_hash)`` is what a bundle request asks for."""
         return self._reassembler
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     def socket(self) -> socket.socket | None:
         c = self._paho
         return None if c is None else c.socket()  # type: ignore[return-value]
