@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
@@ -27,6 +27,17 @@ Schedule = StrEnum("Schedule", {s: s for s in ("linear", "constant", "cosine")})
 LongRows = StrEnum("LongRows", {s: s for s in ("truncate", "skip")})
 EncodingChoice = StrEnum("EncodingChoice", {e: e for e in ENCODINGS})
 BackendChoice = StrEnum("BackendChoice", {b: b for b in BACKENDS})
+
+# options several commands share, declared once
+BundleDir = Annotated[Path, typer.Option("--bundle", help="Bundle directory written by `deft export`.")]
+StateFile = Annotated[Optional[Path], typer.Option(  # noqa: UP045 - typer reads Optional here
+    "--state", help="Trained tensors: update payload or safetensors.")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Default: the bundle's max length.")]  # noqa: UP045
+TextColumn = Annotated[Optional[str], typer.Option("--text-column", help="Default: sentence / text.")]  # noqa: UP045
+Backend = Annotated[BackendChoice, typer.Option("--backend", help="Training backend.")]
+Threads = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    "--threads", help="CPU threads to use (default: all cores).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON report as the last stdout line.")]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Train, evaluate and predict on a device (ONNX Runtime; no torch needed).")
@@ -77,9 +88,22 @@ def _load_tensors(path: Path, base: Callable[[], dict[str, np.ndarray]]) -> dict
     return load_state_file(path, base)
 
 
+def _bundle_and_backend(bundle: Path, backend: BackendChoice, threads: int | None, state: Path | None):
+    """The loaded bundle and a backend for it, with ``state`` applied when given."""
+    from device_runtime.backends import make_backend
+    from device_runtime.bundle.load import load_bundle
+    from device_runtime.state import apply_global_state
+
+    b = load_bundle(bundle)
+    be = make_backend(b, backend.value, threads=threads)
+    if state is not None:
+        apply_global_state(be, _load_tensors(state, be.get_tensors))
+    return b, be
+
+
 @app.command()
 def train(
-    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory written by `deft export`."),
+    bundle: BundleDir,
     data: Path = typer.Option(..., "--data", help="Training data: .tsv/.csv/.jsonl (or .txt for causal LM)."),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Held-out data for evaluation."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (ignored with --steps)."),
@@ -90,8 +114,8 @@ def train(
     warmup_steps: int = typer.Option(0, "--warmup-steps"),
     seed: int = typer.Option(0, "--seed", help="Data order and dropout seed."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
-    max_length: int | None = typer.Option(None, "--max-length", help="Default: the bundle's max length."),
-    text_column: str | None = typer.Option(None, "--text-column", help="Default: sentence / text."),
+    max_length: MaxLength = None,
+    text_column: TextColumn = None,
     label_column: str | None = typer.Option(None, "--label-column", help="Default: label."),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N usable training rows."),
     long_rows: LongRows = typer.Option(LongRows.truncate, "--long-rows", help="Truncate or skip rows over max length."),
@@ -108,10 +132,10 @@ def train(
     checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints",
                                           help="Keep the checkpoint directory after a finished run."),
-    backend: BackendChoice = typer.Option("ort", "--backend", help="Training backend."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads to use (default: all cores)."),
+    backend: Backend = BackendChoice.ort,
+    threads: Threads = None,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON report as the last stdout line."),
+    as_json: AsJson = False,
 ) -> None:
     """Fine-tune the bundle on local data and write an update payload."""
     try:
@@ -192,32 +216,26 @@ def _human_train(r: dict) -> None:
 
 @app.command("eval")
 def eval_command(
-    bundle: Path = typer.Option(..., "--bundle"),
+    bundle: BundleDir,
     data: Path = typer.Option(..., "--data", help="Labelled data to evaluate on."),
-    state: Path | None = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
-    max_length: int | None = typer.Option(None, "--max-length"),
-    text_column: str | None = typer.Option(None, "--text-column"),
+    state: StateFile = None,
+    max_length: MaxLength = None,
+    text_column: TextColumn = None,
     label_column: str | None = typer.Option(None, "--label-column"),
     batch_size: int = typer.Option(64, "--batch-size"),
-    backend: BackendChoice = typer.Option("ort", "--backend"),
-    threads: int | None = typer.Option(None, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    backend: Backend = BackendChoice.ort,
+    threads: Threads = None,
+    as_json: AsJson = False,
 ) -> None:
     """Evaluate the bundle (optionally with trained tensors) on labelled data: loss and accuracy."""
-    from device_runtime.backends import make_backend
-    from device_runtime.bundle.load import load_bundle
     from device_runtime.data import load_dataset
     from device_runtime.evaluate import evaluate
     from device_runtime.resources import peak_rss_mb
-    from device_runtime.state import apply_global_state
 
     try:
-        b = load_bundle(bundle)
+        b, be = _bundle_and_backend(bundle, backend, threads, state)
         ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, label_column=label_column,
                           max_length=max_length)
-        be = make_backend(b, backend.value, threads=threads)
-        if state is not None:
-            apply_global_state(be, _load_tensors(state, be.get_tensors))
         res = evaluate(be, ds, batch_size)
     except DeviceError as exc:
         _fail(str(exc))
@@ -231,41 +249,35 @@ def eval_command(
 
 @app.command()
 def predict(
-    bundle: Path = typer.Option(..., "--bundle"),
+    bundle: BundleDir,
     data: Path | None = typer.Option(None, "--data", help="File of texts (labels, if any, are ignored)."),
     text: Optional[list[str]] = typer.Option(  # noqa: UP045 - typer needs Optional for lists
         None, "--text", help="A text to classify (repeatable)."),
-    state: Path | None = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
+    state: StateFile = None,
     member: Optional[list[Path]] = typer.Option(  # noqa: UP045
         None, "--member", help="Prompt-ensemble member (payload/safetensors with e.g. a soft prompt; repeatable)."),
     weight: Optional[list[float]] = typer.Option(  # noqa: UP045
         None, "--weight", help="Weight per --member (repeatable)."),
-    text_column: str | None = typer.Option(None, "--text-column"),
-    max_length: int | None = typer.Option(None, "--max-length"),
+    text_column: TextColumn = None,
+    max_length: MaxLength = None,
     batch_size: int = typer.Option(64, "--batch-size"),
-    backend: BackendChoice = typer.Option("ort", "--backend"),
-    threads: int | None = typer.Option(None, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    backend: Backend = BackendChoice.ort,
+    threads: Threads = None,
+    as_json: AsJson = False,
 ) -> None:
     """Classify texts with the trained state, or with a weighted prompt ensemble (--member ...)."""
-    from device_runtime.backends import make_backend
-    from device_runtime.bundle.load import load_bundle
     from device_runtime.data import load_dataset, tokenize_texts
     from device_runtime.predict import label_names, predict_ensemble, predict_proba
-    from device_runtime.state import apply_global_state
 
     try:
         if (data is None) == (not text):
             raise DeviceError("give either --data FILE or one or more --text")
-        b = load_bundle(bundle)
+        b, be = _bundle_and_backend(bundle, backend, threads, state)
         if data is not None:
             ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, labelled=False,
                               max_length=max_length)
         else:
             ds = tokenize_texts(list(text), b.manifest, b.tokenizer, max_length)
-        be = make_backend(b, backend.value, threads=threads)
-        if state is not None:
-            apply_global_state(be, _load_tensors(state, be.get_tensors))
         if member:
             if weight and len(weight) != len(member):
                 raise DeviceError(f"{len(weight)} --weight values for {len(member)} --member files")
