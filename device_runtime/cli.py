@@ -18,7 +18,7 @@ import numpy as np
 import typer
 
 from device_runtime.backends import BACKENDS
-from device_runtime.errors import DeviceError, first_error
+from device_runtime.errors import DeftError, DeviceError, first_error
 from device_runtime.payload import ENCODINGS
 from device_runtime.protocol.topics import DEFAULT_FLEET
 
@@ -140,7 +140,7 @@ def train(
     """Fine-tune the bundle on local data and write an update payload."""
     try:
         report = _train(**locals())
-    except DeviceError as exc:
+    except DeftError as exc:
         _fail(str(exc))
     _emit(report, as_json, _human_train)
 
@@ -237,7 +237,7 @@ def eval_command(
         ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, label_column=label_column,
                           max_length=max_length)
         res = evaluate(be, ds, batch_size)
-    except DeviceError as exc:
+    except DeftError as exc:
         _fail(str(exc))
     report = {"accuracy": res["accuracy"], "loss": res["loss"], "rows": res["rows"],
               "skipped_rows": ds.skipped_rows, "skipped": dict(ds.skipped), "bundle_hash": b.hash,
@@ -285,7 +285,7 @@ def predict(
             probs = predict_ensemble(be, ds, members, weight or None, batch_size)
         else:
             probs = predict_proba(be, ds, batch_size)
-    except DeviceError as exc:
+    except DeftError as exc:
         _fail(str(exc))
     pred = probs.argmax(-1)
     names = label_names(b.manifest, pred)
@@ -340,7 +340,6 @@ def run_command(
 
     from device_runtime.agent import AgentConfig, DeviceAgent
     from device_runtime.protocol import check_id
-    from device_runtime.protocol.errors import ProtocolError
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {device_id} %(levelname)s %(message)s")
@@ -359,7 +358,7 @@ def run_command(
             agent.cache.add_dir(bundle)
     except ValidationError as exc:
         _fail("{}: {}".format(*first_error(exc)))
-    except (DeviceError, ProtocolError) as exc:
+    except DeftError as exc:
         _fail(str(exc))
 
     def _stop(*_):
@@ -369,7 +368,7 @@ def run_command(
     signal.signal(signal.SIGINT, _stop)
     try:
         summary = agent.run()
-    except (DeviceError, ProtocolError) as exc:
+    except DeftError as exc:
         _fail(str(exc))
     _emit(summary, as_json, lambda r: typer.echo(
         f"{r['device']}: {len(r['rounds'])} round(s), up {r['bytes_up']:,} B, down {r['bytes_down']:,} B"))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from device_runtime.errors import DeftError
+
 
 def demo_command(
     workdir: Path = typer.Option(Path("deft-demo"), help="Where the bundle, shards, logs, report and adapter go."),
@@ -29,8 +31,6 @@ def demo_command(
     """Export MiniLM, start a broker, a coordinator and device processes, run federated rounds on SST-2."""
     from rich.console import Console
 
-    from device_runtime.protocol.errors import ProtocolError
-    from edge_broker.coordinator.config import CoordinatorError
     from edge_broker.demo.run import DemoOptions, quiet_logging, run_demo
 
     quiet_logging(verbose)
@@ -64,7 +64,7 @@ def demo_command(
     except KeyboardInterrupt:
         console.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
-    except (CoordinatorError, ProtocolError, ValueError, OSError) as exc:
+    except (DeftError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     summary = {k: report.get(k) for k in ("accuracy", "final_accuracy", "initial_accuracy", "bytes_up", "bytes_down",

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from device_runtime.errors import DeftError
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hardware profiles and cost tables.")
 
 
@@ -25,11 +27,11 @@ def profiles_command(
     from rich.console import Console
     from rich.table import Table
 
-    from hardware.profiles import ProfileError, builtin_profiles, get_profile
+    from hardware.profiles import builtin_profiles, get_profile
 
     try:
         chosen = [get_profile(profile)] if profile else list(builtin_profiles().values())
-    except ProfileError as exc:
+    except DeftError as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps([p.model_dump() for p in chosen] if not profile else chosen[0].model_dump()))
@@ -77,8 +79,8 @@ def scale_command(
     as_json: bool = typer.Option(False, "--json", help="Print the predicted table as one JSON line."),
 ) -> None:
     """Predict a cost table on another profile from its compute and memory figures."""
-    from hardware.cost_table import CostTable, CostTableError
-    from hardware.profiles import ProfileError, get_profile
+    from hardware.cost_table import CostTable
+    from hardware.profiles import get_profile
     from hardware.scaling import deepest_fitting_depth, scale_cost_table
 
     try:
@@ -86,7 +88,7 @@ def scale_command(
         src = get_profile(source or measured.profile)
         dst = get_profile(to)
         predicted = scale_cost_table(measured, src, dst, compute_fraction=compute_fraction)
-    except (CostTableError, ProfileError) as exc:
+    except DeftError as exc:
         _fail(exc)
     if out:
         predicted.save(out)
@@ -146,9 +148,8 @@ def profile_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from device_runtime.errors import BundleError
     from hardware.profiler import ProfilerError, open_bundle, profile_bundle
-    from hardware.profiles import ProfileError, get_profile
+    from hardware.profiles import get_profile
 
     try:
         prof = get_profile(profile)
@@ -182,7 +183,7 @@ def profile_command(
                 threads=threads,
                 on_progress=on_progress,
             )
-    except (BundleError, ProfilerError, ProfileError) as exc:
+    except DeftError as exc:
         _fail(exc)
     result.table.save(out)
     if as_json:

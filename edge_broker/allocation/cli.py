@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from edge_broker.allocation.instance import AllocationError, Infeasible
+from device_runtime.errors import DeftError
+from edge_broker.allocation.instance import Infeasible
 
 
 class Method(StrEnum):
@@ -53,7 +54,7 @@ def allocate_command(
     except Infeasible as exc:
         typer.echo(f"error: infeasible: {exc}", err=True)
         raise typer.Exit(1) from None
-    except AllocationError as exc:
+    except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if as_json:

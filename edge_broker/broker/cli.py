@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from device_runtime.protocol.errors import ProtocolError
+from device_runtime.errors import DeftError
 from device_runtime.protocol.topics import DEFAULT_FLEET, Topics, check_id
 
 
@@ -55,7 +55,7 @@ def broker_command(
                               cafile=str(tls_ca.resolve()) if tls_ca else None, require_client_cert=require_client_cert)
         broker = start_broker(workdir, accounts, kind=kind, host=host, port=port, fleets=[fleet],  # type: ignore[arg-type]
                               max_packet_size=max_packet_size, tls=tls)
-    except (BrokerError, ProtocolError) as exc:
+    except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 

@@ -11,6 +11,9 @@ from device_runtime.errors import DeftError
 from device_runtime.payload import Encoding
 from device_runtime.protocol.topics import DEFAULT_FLEET
 
+#: how ``--allocation`` matches devices to blocks (``edge_broker.allocation``)
+AllocationMethod = Literal["crunch", "joint", "greedy", "random", "equal"]
+
 
 class CoordinatorError(DeftError):
     """The run cannot start or go on (no devices, bad config, corrupt state). Printed as ``error: ...``."""
@@ -57,7 +60,7 @@ class CoordinatorConfig(BaseModel):
     #: the broker's packet limit when it cannot announce it (MQTT 3.1.1 brokers such as the embedded one)
     max_packet_size: int | None = Field(None, gt=1024)
     #: LoLa DEFT: match devices to blocks each round (crunch or joint); None: every device trains everything
-    allocation: Literal["crunch", "joint", "greedy", "random", "equal"] | None = None
+    allocation: AllocationMethod | None = None
     #: per-block costs measured by `deft hw profile` (None: an analytic estimate)
     cost_table: Path | None = None
     #: uplink bandwidth shared by the fleet, Hz (joint allocation splits it)
