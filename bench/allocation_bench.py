@@ -84,7 +84,7 @@ def make_instance(spec: EncoderSpec, mix: dict[str, float], n: int, total_bw: fl
     dist = rng.uniform(20.0, 250.0, size=n)
     gains = path_gain(dist)
     devices = []
-    for i, (j, g) in enumerate(zip(picks, gains, strict=False)):
+    for i, (j, g) in enumerate(zip(picks, gains, strict=True)):
         p = profiles[names[j]]
         devices.append(
             {
@@ -142,13 +142,13 @@ def sweep(model: str, mix: str, ns: list[int], bws: list[float], reps: int) -> l
             mean = {k: statistics.fmean(v) for k, v in lat.items()}
             # reductions are averaged per instance, not computed from the means
             red = {
-                f"{m}_vs_{b}": statistics.fmean(reduction(x, y) for x, y in zip(lat[b], lat[m], strict=False))
+                f"{m}_vs_{b}": statistics.fmean(reduction(x, y) for x, y in zip(lat[b], lat[m], strict=True))
                 for m in ("equal", "joint")
                 for b in ("random", "greedy", "equal")
                 if m != b
             }
-            red["joint_vs_random_max"] = max(reduction(x, y) for x, y in zip(lat["random"], lat["joint"], strict=False))
-            red["joint_vs_greedy_max"] = max(reduction(x, y) for x, y in zip(lat["greedy"], lat["joint"], strict=False))
+            red["joint_vs_random_max"] = max(reduction(x, y) for x, y in zip(lat["random"], lat["joint"], strict=True))
+            red["joint_vs_greedy_max"] = max(reduction(x, y) for x, y in zip(lat["greedy"], lat["joint"], strict=True))
             rows.append(
                 {
                     "model": model,
@@ -160,7 +160,7 @@ def sweep(model: str, mix: str, ns: list[int], bws: list[float], reps: int) -> l
                     "latency_s": mean,
                     "reduction_pct": red,
                     "joint_gap_to_exact_max_pct": max(
-                        100.0 * (j / e - 1.0) for j, e in zip(lat["joint"], lat["exact"], strict=False)
+                        100.0 * (j / e - 1.0) for j, e in zip(lat["joint"], lat["exact"], strict=True)
                     ),
                 }
             )

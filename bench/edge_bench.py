@@ -735,7 +735,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, grid = plt.subplots(2, cols, figsize=(5.2 * cols, 9))
     for ax in grid[0][len(scens):]:
         ax.axis("off")
-    for ax, scen in zip(grid[0], scens, strict=False):
+    for ax, scen in zip(grid[0], scens, strict=False):  # more axes than scenarios: the rest are off
         encs = list(res["round"][scen])
         top = 0.0
         for i, enc in enumerate(encs):

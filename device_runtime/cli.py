@@ -290,7 +290,7 @@ def predict(
     pred = probs.argmax(-1)
     names = label_names(b.manifest, pred)
     rows = [{"text": t, "label": n, "probs": [round(float(x), 6) for x in p]}
-            for t, n, p in zip(ds.texts, names, probs, strict=False)]
+            for t, n, p in zip(ds.texts, names, probs, strict=True)]
     report = {"predictions": rows, "labels": b.manifest.labels, "ensemble": len(member or []),
               "skipped_rows": ds.skipped_rows}
 

@@ -53,7 +53,7 @@ def predict_ensemble(backend: Backend, ds: Dataset, members: Sequence[Mapping[st
     saved = backend.get_tensors()
     try:
         acc = None
-        for member, wi in zip(members, w, strict=False):
+        for member, wi in zip(members, w, strict=True):
             apply_global_state(backend, member, partial=True)
             p = predict_proba(backend, ds, batch_size).astype(np.float64) * wi
             acc = p if acc is None else acc + p

@@ -103,7 +103,7 @@ def scale_command(
     )
     for col in ("depth", "step s (measured)", "step s (predicted)", "peak MiB", "update KiB"):
         t.add_column(col, justify="right")
-    for a, b in zip(measured.entries, predicted.entries, strict=False):
+    for a, b in zip(measured.entries, predicted.entries, strict=True):
         t.add_row(
             str(a.depth),
             f"{a.step_latency_s:.4g}",
@@ -211,7 +211,7 @@ def profile_command(
     )
     for col in ("depth", "block", "step ms", "peak RSS MiB", "update KiB"):
         t.add_column(col, justify="right")
-    for e, raw, m in zip(result.table.entries, result.measured.entries, result.measurements, strict=False):
+    for e, raw, m in zip(result.table.entries, result.measured.entries, result.measurements, strict=True):
         lat = f"{e.step_latency_s * 1e3:.2f}"
         if (e.depth, "step_latency_s") in fixed:
             lat = f"*{lat} [{raw.step_latency_s * 1e3:.2f}]"

@@ -8,6 +8,7 @@ measures a table on the current machine; :mod:`hardware.scaling` predicts one fo
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +58,7 @@ class CostTable(BaseModel):
         """Latency and peak memory non-decreasing in depth (what the allocator's model assumes)."""
         return all(
             b.step_latency_s >= a.step_latency_s and b.peak_memory_bytes >= a.peak_memory_bytes
-            for a, b in zip(self.entries, self.entries[1:], strict=False)
+            for a, b in pairwise(self.entries)
         )
 
     def monotone(self) -> CostTable:

@@ -120,7 +120,7 @@ class ProfileResult(BaseModel):
 def adjustments(measured: CostTable, table: CostTable) -> list[Adjustment]:
     """Entries where ``table`` (the monotone one) differs from ``measured``."""
     out = []
-    for a, b in zip(measured.entries, table.entries, strict=False):
+    for a, b in zip(measured.entries, table.entries, strict=True):
         for field in ("step_latency_s", "peak_memory_bytes"):
             if getattr(a, field) != getattr(b, field):
                 out.append(

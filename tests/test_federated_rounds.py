@@ -67,7 +67,7 @@ def test_two_rounds_three_devices_fedavg_plugin_and_report(fleet, tmp_path):
         # and training moved it (a FedAvg of zero deltas would also "match")
         assert max(float(np.abs(globals_[r][k] - globals_[r - 1][k]).max()) for k in globals_[r]) > 1e-4
     # the weights really are by samples (240 of 384 for dev2), not uniform
-    w = dict(zip(rep["rounds"][0]["devices"], rep["rounds"][0]["weights"], strict=False))
+    w = dict(zip(rep["rounds"][0]["devices"], rep["rounds"][0]["weights"], strict=True))
     assert w["dev2"] == pytest.approx(240 / 384, abs=1e-4)
 
     # round 1 sent the bundle down to each device over MQTT; round 2 did not send it again

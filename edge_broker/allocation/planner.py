@@ -306,7 +306,7 @@ def _prefer_fast_deep(inst: Instance, alloc: Allocation) -> Allocation:
                 trial[j1], trial[j2] = k2, k1
                 if max(dev_latency(k1, trial), dev_latency(k2, trial)) <= level:
                     match, changed = trial, True
-    assignment = {b.depth: ids[int(k)] for b, k in zip(inst.blocks, match, strict=False)}
+    assignment = {b.depth: ids[int(k)] for b, k in zip(inst.blocks, match, strict=True)}
     return alloc.model_copy(
         update={"assignment": assignment, "latency": evaluate(inst, assignment, alloc.bandwidth)}
     )

@@ -172,7 +172,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
             return None
 
         coord.watchdog = watchdog
-        for name, data in zip(names, shards, strict=False):
+        for name, data in zip(names, shards, strict=True):
             devices.start(name, broker.url, pw[name], data, opts.workdir / "devices" / name, opts)
         say(f"started {opts.devices} device processes (logs in {opts.workdir / 'logs'})")
         report = coord.run()
