@@ -10,7 +10,6 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,15 +17,16 @@ import numpy as np
 import typer
 
 from device_runtime.backends import BACKENDS
+from device_runtime.choices import choices
 from device_runtime.errors import DeftError, DeviceError, first_error
 from device_runtime.payload import ENCODINGS
 from device_runtime.protocol.topics import DEFAULT_FLEET
 
 # the choices typer offers and checks (one list each, from where they are defined)
-Schedule = StrEnum("Schedule", {s: s for s in ("linear", "constant", "cosine")})
-LongRows = StrEnum("LongRows", {s: s for s in ("truncate", "skip")})
-EncodingChoice = StrEnum("EncodingChoice", {e: e for e in ENCODINGS})
-BackendChoice = StrEnum("BackendChoice", {b: b for b in BACKENDS})
+Schedule = choices("Schedule", ("linear", "constant", "cosine"))
+LongRows = choices("LongRows", ("truncate", "skip"))
+EncodingChoice = choices("EncodingChoice", ENCODINGS)
+BackendChoice = choices("BackendChoice", BACKENDS)
 
 # options several commands share, declared once
 BundleDir = Annotated[Path, typer.Option("--bundle", help="Bundle directory written by `deft export`.")]

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 import typer
 
+from device_runtime.choices import choices
 from device_runtime.errors import DeftError
+from device_runtime.payload import ENCODINGS
+from edge_broker.broker import Kind
+
+EncodingChoice = choices("EncodingChoice", ENCODINGS)
+BrokerKind = choices("BrokerKind", get_args(Kind))
 
 
 def demo_command(
@@ -18,9 +25,9 @@ def demo_command(
     rounds: int = typer.Option(3, min=1, help="Federated rounds."),
     epochs: float = typer.Option(1.0, help="Local epochs per round."),
     lr: float = typer.Option(1e-3, help="Local learning rate."),
-    encoding: str = typer.Option("int8", help="Update encoding: fp32, fp16, int8, int8-row."),
+    encoding: EncodingChoice = typer.Option("int8", help="Update encoding."),
     strategy: str = typer.Option("fedavg", help="fedavg, fedadam, median, trimmed_mean."),
-    broker: str = typer.Option("auto", help="auto (Mosquitto if installed, else embedded), mosquitto, embedded."),
+    broker: BrokerKind = typer.Option("auto", help="auto: Mosquitto if installed, else embedded."),
     emulator: bool = typer.Option(False, "--emulator", help="Devices train a 4-of-6-block emulator; the report "
                                   "shows the emulator's and the plugged-in full model's accuracy."),
     skew: float = typer.Option(0.25, help="Label skew across devices (0: IID)."),
@@ -58,7 +65,8 @@ def demo_command(
                 f"[bold green]{e['accuracy']:.4f}[/bold green]{emu}, {e['wall_s']:.0f}s")
 
     opts = DemoOptions(workdir=workdir, devices=devices, rows_per_device=rows, rounds=rounds, epochs=epochs, lr=lr,
-                       encoding=encoding, strategy=strategy, broker=broker, emulator=emulator, skew=skew, fresh=fresh)
+                       encoding=encoding.value, strategy=strategy, broker=broker.value, emulator=emulator, skew=skew,
+                       fresh=fresh)
     try:
         report = run_demo(opts, say, on_event)
     except KeyboardInterrupt:

@@ -6,15 +6,20 @@ import json
 import signal
 import threading
 from pathlib import Path
+from typing import get_args
 
 import typer
 
+from device_runtime.choices import choices
 from device_runtime.errors import DeftError
 from device_runtime.protocol.topics import DEFAULT_FLEET, Topics, check_id
+from edge_broker.broker import Kind
+
+BrokerKind = choices("BrokerKind", get_args(Kind))
 
 
 def broker_command(
-    kind: str = typer.Option("auto", help="auto (Mosquitto if installed, else embedded), mosquitto or embedded."),
+    kind: BrokerKind = typer.Option("auto", help="auto: Mosquitto if installed, else embedded."),
     devices: str = typer.Option("", help="Comma-separated device ids to create accounts for (random passwords)."),
     workdir: Path = typer.Option(Path("edge-broker"), help="Where config, password file, ACL, logs and data go."),
     accounts_file: Path = typer.Option(None, "--accounts", help="Accounts JSON (default WORKDIR/accounts.json); "
@@ -53,7 +58,7 @@ def broker_command(
 
             tls = TLSListener(port=tls_port, certfile=str(tls_cert.resolve()), keyfile=str(tls_key.resolve()),
                               cafile=str(tls_ca.resolve()) if tls_ca else None, require_client_cert=require_client_cert)
-        broker = start_broker(workdir, accounts, kind=kind, host=host, port=port, fleets=[fleet],  # type: ignore[arg-type]
+        broker = start_broker(workdir, accounts, kind=kind.value, host=host, port=port, fleets=[fleet],  # type: ignore[arg-type]
                               max_packet_size=max_packet_size, tls=tls)
     except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)

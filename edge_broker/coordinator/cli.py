@@ -6,19 +6,19 @@ import json
 import logging
 import signal
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import get_args
 
 import typer
 
+from device_runtime.choices import choices
 from device_runtime.errors import DeftError, first_error
 from device_runtime.payload import ENCODINGS
 from device_runtime.protocol.topics import DEFAULT_FLEET
 from edge_broker.coordinator.config import AllocationMethod
 
-EncodingChoice = StrEnum("EncodingChoice", {e: e for e in ENCODINGS})
-Allocation = StrEnum("Allocation", {a: a for a in get_args(AllocationMethod)})
+EncodingChoice = choices("EncodingChoice", ENCODINGS)
+Allocation = choices("Allocation", get_args(AllocationMethod))
 
 
 def _password(password: str | None, accounts: Path | None, user: str) -> str | None:
