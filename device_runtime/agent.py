@@ -83,7 +83,7 @@ def retry_delays(first: float, *, factor: float = 2.0, step: float = 0.0, cap: f
                  attempts: int | None = None, deadline: float | None = None) -> Iterator[float]:
     """The waits between retries: ``first``, then ``previous * factor + step``, at most ``cap`` each;
     ``attempts`` waits at most, and none that would end past ``deadline`` (``time.monotonic()``).
-    The one backoff rule of the agent (connecting, uploading)."""
+    The one retry rule of the agent (connecting, uploading, asking for a bundle again)."""
     delay, n = first, 0
     while attempts is None or n < attempts:
         wait = min(delay, cap)
@@ -306,7 +306,8 @@ class DeviceAgent:
                                                     sender=me, fleet=self.cfg.fleet))
         last = c.reassembler.progress(bundle_hash)
         last_change = time.monotonic()
-        requests = 1
+        # after the first request, at most 4 more (one per stalled window or refused bundle)
+        asks_left = retry_delays(self.cfg.bundle_stall_s, factor=1.0, attempts=4)
         while not self.stop_event.is_set():
             try:
                 msg = self.bundles.get(timeout=0.5)
@@ -315,7 +316,7 @@ class DeviceAgent:
                 if now != last:
                     last, last_change = now, time.monotonic()
                 elif time.monotonic() - last_change > self.cfg.bundle_stall_s:
-                    if requests >= 5:
+                    if next(asks_left, None) is None:
                         raise AgentError(
                             f"bundle {bundle_hash[:12]} download stalled; is the coordinator running?") from None
                     missing = c.reassembler.missing(bundle_hash)
@@ -323,7 +324,6 @@ class DeviceAgent:
                                 "all" if missing is None else len(missing))
                     c.publish(t.bundle_request(me), to_envelope(BundleRequest(bundle=bundle_hash, missing=missing),
                                                                 sender=me, fleet=self.cfg.fleet))
-                    requests += 1
                     last_change = time.monotonic()
                 continue
             if msg.info is None or msg.info.token != bundle_hash:
@@ -334,7 +334,7 @@ class DeviceAgent:
                 log.warning("received bundle refused: %s; asking again", exc)
                 c.publish(t.bundle_request(me), to_envelope(BundleRequest(bundle=bundle_hash),
                                                             sender=me, fleet=self.cfg.fleet))
-                requests += 1
+                next(asks_left, None)
                 continue
             self.on_event({"event": "bundle", "device": me, "bundle": bundle_hash, "bytes": len(msg.envelope.body)})
             return bundle
