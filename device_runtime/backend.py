@@ -15,6 +15,19 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 
+def with_neutral_labels(batch: dict[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
+    """``batch`` plus the label input a graph with a loss needs, chosen so it does not touch the logits
+    (class 0 per row for classification; the inputs themselves, padding ignored, for a causal LM). How
+    every backend's :meth:`Backend.logits` runs its eval graph on unlabelled data."""
+    b = dict(batch)
+    ids = b["input_ids"]
+    if task == "seq-cls":
+        b["labels"] = np.zeros(ids.shape[0], dtype=np.int64)
+    else:
+        b["labels"] = np.where(b["attention_mask"] == 1, ids, -100).astype(np.int64)
+    return b
+
+
 @runtime_checkable
 class Backend(Protocol):
     def train_step(self, batch: dict[str, np.ndarray], lr: float, step: int, seed: int) -> float:
