@@ -80,13 +80,18 @@ def serve_command(
     except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _print_report(_run(coord), json_out)
+
+
+def _run(coord) -> dict:
+    """Run until done; SIGTERM stops between steps (start again to resume), an error is one line, exit 2."""
 
     def _stop(*_):
         coord.stop_requested = True
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        report = coord.run()
+        return coord.run()
     except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -95,7 +100,6 @@ def serve_command(
         raise typer.Exit(130) from None
     finally:
         coord.close()
-    _print_report(report, json_out)
 
 
 def _coordinator(o: dict):
