@@ -84,7 +84,7 @@ def make_instance(spec: EncoderSpec, mix: dict[str, float], n: int, total_bw: fl
     dist = rng.uniform(20.0, 250.0, size=n)
     gains = path_gain(dist)
     devices = []
-    for i, (j, g) in enumerate(zip(picks, gains)):
+    for i, (j, g) in enumerate(zip(picks, gains, strict=True)):
         p = profiles[names[j]]
         devices.append(
             {
@@ -142,13 +142,13 @@ def sweep(model: str, mix: str, ns: list[int], bws: list[float], reps: int) -> l
             mean = {k: statistics.fmean(v) for k, v in lat.items()}
             # reductions are averaged per instance, not computed from the means
             red = {
-                f"{m}_vs_{b}": statistics.fmean(reduction(x, y) for x, y in zip(lat[b], lat[m]))
+                f"{m}_vs_{b}": statistics.fmean(reduction(x, y) for x, y in zip(lat[b], lat[m], strict=True))
                 for m in ("equal", "joint")
                 for b in ("random", "greedy", "equal")
                 if m != b
             }
-            red["joint_vs_random_max"] = max(reduction(x, y) for x, y in zip(lat["random"], lat["joint"]))
-            red["joint_vs_greedy_max"] = max(reduction(x, y) for x, y in zip(lat["greedy"], lat["joint"]))
+            red["joint_vs_random_max"] = max(reduction(x, y) for x, y in zip(lat["random"], lat["joint"], strict=True))
+            red["joint_vs_greedy_max"] = max(reduction(x, y) for x, y in zip(lat["greedy"], lat["joint"], strict=True))
             rows.append(
                 {
                     "model": model,
@@ -160,7 +160,7 @@ def sweep(model: str, mix: str, ns: list[int], bws: list[float], reps: int) -> l
                     "latency_s": mean,
                     "reduction_pct": red,
                     "joint_gap_to_exact_max_pct": max(
-                        100.0 * (j / e - 1.0) for j, e in zip(lat["joint"], lat["exact"])
+                        100.0 * (j / e - 1.0) for j, e in zip(lat["joint"], lat["exact"], strict=True)
                     ),
                 }
             )
@@ -257,7 +257,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ("devices", "minilm/lora-r8", "jetson-heavy"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (x, model, mix) in zip(axes, panels):
+    for ax, (x, model, mix) in zip(axes, panels, strict=False):
         sel = [r for r in rows if r["model"] == model and r["mix"] == mix and r["sweep"] == x]
         xs = [r[x] / (1e6 if x == "total_bandwidth_hz" else 1) for r in sel]
         for m, style in (("random", "o:"), ("greedy", "s--"), ("equal", "^-."), ("joint", "D-")):

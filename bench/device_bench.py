@@ -374,7 +374,8 @@ def plot(out: dict, path: Path) -> None:
     parts = []
     for k, q in out.get("ratios", {}).items():
         if "step_time_ratio_vs_torch" in q:
-            parts.append(f"{k}/torch: time {q['step_time_ratio_vs_torch']:.2f}x, RSS {q['peak_rss_ratio_vs_torch']:.2f}x")
+            parts.append(f"{k}/torch: time {q['step_time_ratio_vs_torch']:.2f}x, "
+                         f"RSS {q['peak_rss_ratio_vs_torch']:.2f}x")
     if out.get("mode") == "compare":
         parts.append(f"targets: time <= {TARGET_TIME}x, RSS <= {TARGET_RSS}x")
     head = ("MiniLM LoRA r=8 q,v + head on this machine's CPU" if out.get("mode") == "compare"

@@ -44,6 +44,7 @@ and is reported separately. Only 127.0.0.1; every wait has a deadline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -58,6 +59,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from deftkit import __version__
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -181,7 +184,7 @@ def _worker(conn: Any, host: str, port: int, creds: list[tuple[str, str]], clien
         c.subscribe(t.device_inbox(dev)[1], into=q)
         clients[dev], inboxes[dev] = c, q
         # retained, like the device agent's hello: the coordinator registers the device whenever it subscribes
-        c.publish(t.hello(dev), to_envelope(Hello(kit_version="0.1.0", profile={"board": "bench-sim"}),
+        c.publish(t.hello(dev), to_envelope(Hello(kit_version=__version__, profile={"board": "bench-sim"}),
                                             sender=dev, fleet=FLEET), retain=True, timeout=30)
 
     try:
@@ -391,15 +394,15 @@ class Fleet:
         try:
             coord.connect()
             coord.wait_for_devices()
-            coord._initial_global()  # what Coordinator.run() does before its first round
+            coord.initial_global()  # what Coordinator.run() does before its first round
             # observe (not change) how many updates each ingest commit takes
-            ingest_batch = coord._on_updates
+            ingest_batch = coord.inbox.on_updates
 
             def counted(msgs: list[Any]) -> None:
                 self.batches.append(len(msgs))
                 ingest_batch(msgs)
 
-            coord._on_updates = counted
+            coord.inbox.on_updates = counted
         except BaseException:
             coord.close()
             raise
@@ -435,7 +438,7 @@ class Fleet:
             wall0 = time.time()
             # devices on a shared link time their turn from this (one monotonic clock on one machine)
             coord.cfg.hyperparams = {"bench_t0": t0}
-            import edge_broker.coordinator.coordinator as coord_module
+            import edge_broker.coordinator.inbox as coord_module
 
             batch_max = coord_module.MAX_UPDATE_BATCH
             coord_module.MAX_UPDATE_BATCH = 1 if mode == "kit-unbatched" else batch_max
@@ -484,10 +487,8 @@ class Fleet:
 
     def close(self) -> None:
         for c in self.conns:
-            try:
+            with contextlib.suppress(OSError, BrokenPipeError):
                 c.send(("close",))
-            except (OSError, BrokenPipeError):
-                pass
         for p in self.procs:
             p.join(15)
             if p.is_alive():
@@ -538,7 +539,7 @@ def aggregation_times(db: Path, round_: int, devices: list[str], reps: int, spec
         out: dict[str, Any] = {"updates": len(updates), "load_decode_s": _median_time(load, reps)}
     # end to end: the devices' tensors are known from their seeds, so FedAvg (equal samples) must give their mean
     truth = [device_tensors(specs, _seed(u.device)) for u in updates]
-    fedavg = get_strategy("fedavg").aggregate(g0, updates)
+    fedavg, _ = get_strategy("fedavg").aggregate(g0, updates)
     out["fedavg_max_abs_err_vs_true_mean"] = max(
         float(np.max(np.abs(fedavg[s.name] - np.mean([t[s.name] for t in truth], axis=0)))) for s in specs)
     for name, params in (("fedavg", {}), ("median", {}), ("trimmed_mean", {"trim": 0.1})):
@@ -638,7 +639,8 @@ def summarise(rounds: list[dict[str, Any]], encodings: list[str]) -> dict[str, A
                 e.update({
                     f"{p}_round_s": kit_s,
                     f"{p}_ratio": kit_s / raw_s,
-                    f"{p}_ratio_paired_median": statistics.median(k["wall_s"] / r["wall_s"] for k, r in zip(kit, raw)),
+                    f"{p}_ratio_paired_median": statistics.median(k["wall_s"] / r["wall_s"]
+                                                                  for k, r in zip(kit, raw, strict=True)),
                     f"{p}_round_s_runs": [r["wall_s"] for r in kit],
                     f"{p}_edge_stored_last_s": statistics.median(r["last_stored_s"] for r in kit),
                     # the coordinator's whole run_round: + aggregation, publishing the new global, committing
@@ -733,7 +735,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, grid = plt.subplots(2, cols, figsize=(5.2 * cols, 9))
     for ax in grid[0][len(scens):]:
         ax.axis("off")
-    for ax, scen in zip(grid[0], scens):
+    for ax, scen in zip(grid[0], scens, strict=False):  # more axes than scenarios: the rest are off
         encs = list(res["round"][scen])
         top = 0.0
         for i, enc in enumerate(encs):
@@ -838,7 +840,8 @@ def run(devices: int, reps: int, workers: int, encodings: list[str], *, link_mbp
                          "link_mbps": link_mbps, "agg_reps": agg_reps, "broker": "mosquitto",
                          "cpu_count": os.cpu_count(), "setup_s": setup_s, "bundle": str(bundle_dir),
                          "bundle_hash": bundle_hash, "edge": "edge_broker.coordinator.Coordinator.run_round",
-                         "lora": f"r={RANK} on query,value x {LAYERS} layers, hidden {HIDDEN}, + {NUM_LABELS}-class head"},
+                         "lora": f"r={RANK} on query,value x {LAYERS} layers, hidden {HIDDEN}, "
+                                 f"+ {NUM_LABELS}-class head"},
             "target_ratio": TARGET_RATIO,
             "kit_ratio": {scen: {enc: v["kit_ratio"] for enc, v in by.items()} for scen, by in summary.items()},
             "meets_target": {scen: {enc: v["kit_ratio"] <= TARGET_RATIO for enc, v in by.items()}
@@ -875,7 +878,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --link-mbps {a.link_mbps!r} is not a comma-separated list of numbers", file=sys.stderr)
         return 2
     encodings = [e.strip() for e in a.encodings.split(",") if e.strip()]
-    if a.devices < 1 or a.devices > 1000 or a.reps < 1 or a.workers < 1 or not link_mbps or any(m < 0 for m in link_mbps):
+    if (a.devices < 1 or a.devices > 1000 or a.reps < 1 or a.workers < 1 or not link_mbps
+            or any(m < 0 for m in link_mbps)):
         print("error: --devices must be 1-1000, --reps and --workers >= 1, --link-mbps >= 0", file=sys.stderr)
         return 2
     from device_runtime.payload import ENCODINGS

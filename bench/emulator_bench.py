@@ -87,7 +87,8 @@ def run_variant(name: str, model: str, work: Path, cache: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["variant"] == "full"), None)
-    out = ["| emulator (blocks kept) | middle | emulator accuracy | plug-in accuracy | peak RSS | step | bundle | KD loss |",
+    out = ["| emulator (blocks kept) | middle | emulator accuracy | plug-in accuracy | peak RSS | step | bundle "
+           "| KD loss |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rss = f"{r['peak_rss_mb']:.0f} MB"

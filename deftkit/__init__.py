@@ -5,4 +5,9 @@ The kit is four import packages, one per part of the system:
 This small package only carries the version and the ``deft`` command-line entry point.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the version is defined once, in pyproject.toml
+    __version__ = version("deftkit")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -22,7 +22,7 @@ _GROUPS: dict[str, tuple[str, str, str]] = {
     "bundle": ("device_runtime.bundle.cli", "app", "Inspect and verify device bundles."),
     "device": ("device_runtime.cli", "app", "Train, evaluate and predict on a device."),
     "edge": ("edge_broker.cli", "app", "Broker, coordinator and allocation at the edge."),
-    "hw": ("hardware.cli", "app", "Hardware profiles, profiler, inventory, provisioning."),
+    "hw": ("hardware.cli", "app", "Hardware profiles, per-block profiler, cost tables."),
     "demo": ("edge_broker.demo_cli", "demo_command", "End-to-end federated fine-tuning demo."),
 }
 

@@ -16,17 +16,21 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from deftkit import __version__
+from device_runtime.atomic import atomic_write_bytes
 from device_runtime.bundle.archive import BundleCache
 from device_runtime.bundle.load import Bundle
 from device_runtime.errors import DeviceError
+from device_runtime.payload import ENCODINGS
 from device_runtime.protocol import (
+    DEFAULT_FLEET,
     Ack,
     AuthRefused,
     BundleRequest,
@@ -44,7 +48,6 @@ from device_runtime.protocol import (
 
 log = logging.getLogger("deft.device")
 
-KIT_VERSION = "0.1.0"
 
 
 class AgentConfig(BaseModel):
@@ -55,7 +58,7 @@ class AgentConfig(BaseModel):
     broker: str
     device_id: str
     password: str | None = None
-    fleet: str = "demo"
+    fleet: str = DEFAULT_FLEET
     data: Path
     text_column: str | None = None
     label_column: str | None = None
@@ -74,6 +77,21 @@ class AgentConfig(BaseModel):
     max_rounds: int | None = None
     #: exit when no task arrived for this long (None: never)
     idle_exit_s: float | None = None
+
+
+def retry_delays(first: float, *, factor: float = 2.0, step: float = 0.0, cap: float = 10.0,
+                 attempts: int | None = None, deadline: float | None = None) -> Iterator[float]:
+    """The waits between retries: ``first``, then ``previous * factor + step``, at most ``cap`` each;
+    ``attempts`` waits at most, and none that would end past ``deadline`` (``time.monotonic()``).
+    The one retry rule of the agent (connecting, uploading, asking for a bundle again)."""
+    delay, n = first, 0
+    while attempts is None or n < attempts:
+        wait = min(delay, cap)
+        if deadline is not None and time.monotonic() + wait > deadline:
+            return
+        yield wait
+        n += 1
+        delay = delay * factor + step
 
 
 class AgentError(DeviceError):
@@ -106,8 +124,7 @@ class DeviceAgent:
                                      password=self.cfg.password, will=will, keepalive=10,
                                      spool_dir=str(self.workdir / "spool"), reconnect_max_s=5.0,
                                      max_packet_size=self.cfg.max_packet_size)
-        deadline = time.monotonic() + self.cfg.connect_timeout_s
-        delay = 0.5
+        delays = retry_delays(0.5, deadline=time.monotonic() + self.cfg.connect_timeout_s)
         while True:
             try:
                 client.connect(timeout=10)
@@ -115,11 +132,11 @@ class DeviceAgent:
             except AuthRefused as exc:
                 raise AgentError(str(exc)) from None
             except ConnectError as exc:
-                if time.monotonic() + delay > deadline or self.stop_event.is_set():
+                delay = next(delays, None)
+                if delay is None or self.stop_event.is_set():
                     raise AgentError(str(exc)) from None
                 log.info("broker not reachable (%s); retrying in %.1fs", exc, delay)
                 self.stop_event.wait(delay)
-                delay = min(delay * 2, 10.0)
         self._client = client
         self.tasks = client.subscribe(f"{t.base}/to/{me}/task/+")
         client.subscribe(f"{t.base}/all/task/+", into=self.tasks)
@@ -127,8 +144,8 @@ class DeviceAgent:
         self.bundles = client.subscribe(f"{t.base}/to/{me}/bundle/+")
         self.globals = client.subscribe(t.global_state())
         client.publish(t.status(me), to_envelope(Status(state="online"), sender=me, fleet=self.cfg.fleet), retain=True)
-        hello = Hello(kit_version=KIT_VERSION, profile=self.cfg.profile, bundles=self.cache.hashes(),
-                      capabilities={"backend": self.cfg.backend, "encodings": ["fp32", "fp16", "int8", "int8-row"]})
+        hello = Hello(kit_version=__version__, profile=self.cfg.profile, bundles=self.cache.hashes(),
+                      capabilities={"backend": self.cfg.backend, "encodings": list(ENCODINGS)})
         # retained, like a birth message: a coordinator that starts (or restarts) later still sees it
         client.publish(t.hello(me), to_envelope(hello, sender=me, fleet=self.cfg.fleet), retain=True)
         return client
@@ -221,8 +238,6 @@ class DeviceAgent:
                              base=start if task.delta else None)
         env = Envelope.build("update", sender=me, fleet=self.cfg.fleet, round=task.round, body=blob,
                              content="safetensors", key=f"{me}-r{task.round}-{zlib.crc32(blob):08x}")
-        from device_runtime.checkpointing import atomic_write_bytes
-
         sent.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(sent, env.encode())  # before sending: a restarted device resends, never retrains
         self._upload(env, task, state, report)
@@ -235,14 +250,15 @@ class DeviceAgent:
         t, me = self.topics, self.cfg.device_id
         state.update(state="uploading")
         ack: Ack | None = None
-        for attempt in range(1, 6):
+        # five attempts; after a failed publish wait 2, 4, 6, 8, 10 s by attempt; no ack: resend at once
+        for attempt, delay in enumerate(retry_delays(2.0, factor=1.0, step=2.0, attempts=5), start=1):
             if self.stop_event.is_set():
                 return
             try:
                 self._client.publish(t.update(me, task.round), env, timeout=60)
             except ProtocolError as exc:
                 log.warning("round %d: upload attempt %d failed (%s); retrying", task.round, attempt, exc)
-                self.stop_event.wait(min(2.0 * attempt, 10.0))
+                self.stop_event.wait(delay)
                 continue
             ack = self._wait_ack(env.header.key, self.cfg.ack_timeout_s)
             if ack is not None:
@@ -290,7 +306,8 @@ class DeviceAgent:
                                                     sender=me, fleet=self.cfg.fleet))
         last = c.reassembler.progress(bundle_hash)
         last_change = time.monotonic()
-        requests = 1
+        # after the first request, at most 4 more (one per stalled window or refused bundle)
+        asks_left = retry_delays(self.cfg.bundle_stall_s, factor=1.0, attempts=4)
         while not self.stop_event.is_set():
             try:
                 msg = self.bundles.get(timeout=0.5)
@@ -299,14 +316,14 @@ class DeviceAgent:
                 if now != last:
                     last, last_change = now, time.monotonic()
                 elif time.monotonic() - last_change > self.cfg.bundle_stall_s:
-                    if requests >= 5:
-                        raise AgentError(f"bundle {bundle_hash[:12]} download stalled; is the coordinator running?")
+                    if next(asks_left, None) is None:
+                        raise AgentError(
+                            f"bundle {bundle_hash[:12]} download stalled; is the coordinator running?") from None
                     missing = c.reassembler.missing(bundle_hash)
                     log.warning("bundle download stalled; asking for %s chunks again",
                                 "all" if missing is None else len(missing))
                     c.publish(t.bundle_request(me), to_envelope(BundleRequest(bundle=bundle_hash, missing=missing),
                                                                 sender=me, fleet=self.cfg.fleet))
-                    requests += 1
                     last_change = time.monotonic()
                 continue
             if msg.info is None or msg.info.token != bundle_hash:
@@ -317,7 +334,7 @@ class DeviceAgent:
                 log.warning("received bundle refused: %s; asking again", exc)
                 c.publish(t.bundle_request(me), to_envelope(BundleRequest(bundle=bundle_hash),
                                                             sender=me, fleet=self.cfg.fleet))
-                requests += 1
+                next(asks_left, None)
                 continue
             self.on_event({"event": "bundle", "device": me, "bundle": bundle_hash, "bytes": len(msg.envelope.body)})
             return bundle
@@ -378,8 +395,6 @@ class DeviceAgent:
         self._drain_globals() if self._client is not None else None
         g = self._global
         if g is not None:
-            from device_runtime.checkpointing import atomic_write_bytes
-
             atomic_write_bytes(self.workdir / "global.safetensors", g.body)
             (self.workdir / "global.json").write_text(json.dumps({"round": g.header.round, "sha256": g.header.sha256}))
 
@@ -400,7 +415,8 @@ class DeviceAgent:
             log.warning("ignoring unknown hyper-parameters %s", unknown)
         kw = {k: v for k, v in hp.items() if k in allowed}
         # a different shuffle per device and round, reproducible across a restart
-        kw["seed"] = int(kw.get("seed", 0)) * 1_000_003 + task.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 997
+        kw["seed"] = int(kw.get("seed",
+                                0)) * 1_000_003 + task.round * 1009 + zlib.crc32(self.cfg.device_id.encode()) % 997
         cfg = TrainConfig(**kw, progress=False, backend=self.cfg.backend, threads=self.cfg.threads,
                           checkpoint_dir=str(self.workdir / "checkpoints" / f"round-{task.round}"), checkpoint_every=25)
         initial, frozen = base, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from device_runtime.backend import Backend
 from device_runtime.bundle.load import Bundle
 from device_runtime.errors import BackendUnavailable
 
@@ -17,7 +18,7 @@ BACKENDS = ("ort",)
 
 
 def make_backend(bundle: Bundle, name: str = "ort", checkpoint: str | Path | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None) -> Backend:
     """A training backend for ``bundle``; ``threads`` caps the CPU threads it uses (None: all cores)."""
     if threads is not None and threads <= 0:
         raise BackendUnavailable(f"--threads {threads} must be a positive number")

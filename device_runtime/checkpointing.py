@@ -2,7 +2,7 @@
 
 Layout of a checkpoint directory::
 
-    state-00000050.ckpt   ORT checkpoint with the optimizer state (parameters + AdamW moments)
+    state-00000050.ckpt   the backend's checkpoint with the optimizer state (tensors + AdamW moments + step)
     start.safetensors     the trainable tensors the run started from (base of delta payloads)
     progress.json         step, loss curve, samples, eval history, the run's fingerprint, and the
                           name of the state file that belongs to it
@@ -22,38 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from device_runtime.atomic import atomic_replace, atomic_write_bytes
 from device_runtime.errors import DeviceError
 
 PROGRESS = "progress.json"
 START = "start.safetensors"
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(p: Path) -> None:
-    with open(p, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old or the new content, never a torn file."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    _fsync_dir(p.parent)
 
 
 def run_fingerprint(**parts: Any) -> str:
@@ -93,10 +66,8 @@ class CheckpointDir:
         """Save the backend state and the progress record for ``progress['step']`` atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"state-{int(progress['step']):08d}.ckpt"
-        tmp = self.root / f".{name}.tmp-{os.getpid()}"
-        backend.save(tmp, include_optimizer_state=True)
-        _fsync_file(tmp)
-        os.replace(tmp, self.root / name)
+        with atomic_replace(self.root / name) as tmp:
+            backend.save(tmp, include_optimizer_state=True)
         record = dict(progress, state_file=name, fingerprint=self.fingerprint)
         atomic_write_bytes(self.root / PROGRESS, json.dumps(record).encode())
         for old in self.root.glob("state-*.ckpt"):

@@ -11,12 +11,33 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
 
-from device_runtime.errors import DeviceError
+from device_runtime.backends import BACKENDS
+from device_runtime.choices import choices
+from device_runtime.errors import DeftError, DeviceError, first_error
+from device_runtime.payload import ENCODINGS
+from device_runtime.protocol.topics import DEFAULT_FLEET
+
+# the choices typer offers and checks (one list each, from where they are defined)
+Schedule = choices("Schedule", ("linear", "constant", "cosine"))
+LongRows = choices("LongRows", ("truncate", "skip"))
+EncodingChoice = choices("EncodingChoice", ENCODINGS)
+BackendChoice = choices("BackendChoice", BACKENDS)
+
+# options several commands share, declared once
+BundleDir = Annotated[Path, typer.Option("--bundle", help="Bundle directory written by `deft export`.")]
+StateFile = Annotated[Optional[Path], typer.Option(  # noqa: UP045 - typer reads Optional here
+    "--state", help="Trained tensors: update payload or safetensors.")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Default: the bundle's max length.")]  # noqa: UP045
+TextColumn = Annotated[Optional[str], typer.Option("--text-column", help="Default: sentence / text.")]  # noqa: UP045
+Backend = Annotated[BackendChoice, typer.Option("--backend", help="Training backend.")]
+Threads = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    "--threads", help="CPU threads to use (default: all cores).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON report as the last stdout line.")]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Train, evaluate and predict on a device (ONNX Runtime; no torch needed).")
@@ -67,28 +88,41 @@ def _load_tensors(path: Path, base: Callable[[], dict[str, np.ndarray]]) -> dict
     return load_state_file(path, base)
 
 
+def _bundle_and_backend(bundle: Path, backend: BackendChoice, threads: int | None, state: Path | None):
+    """The loaded bundle and a backend for it, with ``state`` applied when given."""
+    from device_runtime.backends import make_backend
+    from device_runtime.bundle.load import load_bundle
+    from device_runtime.state import apply_global_state
+
+    b = load_bundle(bundle)
+    be = make_backend(b, backend.value, threads=threads)
+    if state is not None:
+        apply_global_state(be, _load_tensors(state, be.get_tensors))
+    return b, be
+
+
 @app.command()
 def train(
-    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory written by `deft export`."),
+    bundle: BundleDir,
     data: Path = typer.Option(..., "--data", help="Training data: .tsv/.csv/.jsonl (or .txt for causal LM)."),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Held-out data for evaluation."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (ignored with --steps)."),
     steps: int | None = typer.Option(None, "--steps", help="Total optimizer steps (overrides --epochs)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
-    schedule: str = typer.Option("linear", "--schedule", help="linear | constant | cosine"),
+    schedule: Schedule = typer.Option(Schedule.linear, "--schedule", help="Learning-rate schedule."),
     warmup_steps: int = typer.Option(0, "--warmup-steps"),
     seed: int = typer.Option(0, "--seed", help="Data order and dropout seed."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: only at the end)."),
-    max_length: int | None = typer.Option(None, "--max-length", help="Default: the bundle's max length."),
-    text_column: str | None = typer.Option(None, "--text-column", help="Default: sentence / text."),
+    max_length: MaxLength = None,
+    text_column: TextColumn = None,
     label_column: str | None = typer.Option(None, "--label-column", help="Default: label."),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N usable training rows."),
-    long_rows: str = typer.Option("truncate", "--long-rows", help="truncate | skip rows over max length."),
+    long_rows: LongRows = typer.Option(LongRows.truncate, "--long-rows", help="Truncate or skip rows over max length."),
     global_state: Path | None = typer.Option(None, "--global-state",
                                                 help="Start from these tensors (payload or safetensors)."),
     out: Path | None = typer.Option(None, "--out", help="Write the update payload here."),
-    encoding: str = typer.Option("fp32", "--encoding", help="fp32 | fp16 | int8 | int8-row"),
+    encoding: EncodingChoice = typer.Option("fp32", "--encoding", help="How the payload stores values."),
     delta: bool = typer.Option(False, "--delta/--full", help="Send the change from the start tensors."),
     topk: float | None = typer.Option(None, "--topk", help="Keep this fraction of entries per tensor."),
     device_id: str = typer.Option("device", "--device-id"),
@@ -98,15 +132,15 @@ def train(
     checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints",
                                           help="Keep the checkpoint directory after a finished run."),
-    backend: str = typer.Option("ort", "--backend", help="ort (the only backend; the bundle's format picks the ONNX Runtime path)"),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads to use (default: all cores)."),
+    backend: Backend = BackendChoice.ort,
+    threads: Threads = None,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON report as the last stdout line."),
+    as_json: AsJson = False,
 ) -> None:
     """Fine-tune the bundle on local data and write an update payload."""
     try:
         report = _train(**locals())
-    except DeviceError as exc:
+    except DeftError as exc:
         _fail(str(exc))
     _emit(report, as_json, _human_train)
 
@@ -117,16 +151,12 @@ def _train(*, bundle, data, eval_data, epochs, steps, batch_size, lr, schedule, 
            as_json) -> dict:
     from device_runtime.bundle.load import load_bundle
     from device_runtime.data import load_dataset
-    from device_runtime.payload import ENCODINGS, encode_update
+    from device_runtime.payload import encode_update
     from device_runtime.train import TrainConfig
     from device_runtime.train import train as run_training
 
-    if schedule not in ("linear", "constant", "cosine"):
-        raise DeviceError(f"unknown schedule {schedule!r}; choose linear, constant or cosine")
-    if long_rows not in ("truncate", "skip"):
-        raise DeviceError(f"--long-rows must be truncate or skip, not {long_rows!r}")
-    if encoding not in ENCODINGS:
-        raise DeviceError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    # typer checked the choices; plain strings from here on
+    schedule, long_rows, encoding, backend = schedule.value, long_rows.value, encoding.value, backend.value
     if topk is not None and not 0 < topk <= 1:
         raise DeviceError(f"--topk {topk} must be a fraction in (0, 1]")
     b = load_bundle(bundle)
@@ -148,7 +178,7 @@ def _train(*, bundle, data, eval_data, epochs, steps, batch_size, lr, schedule, 
     report = dict(result.report)
     report["payload_bytes"] = None
     if out is not None:
-        from device_runtime.checkpointing import atomic_write_bytes
+        from device_runtime.atomic import atomic_write_bytes
 
         metrics = {k: report[k] for k in ("eval_accuracy", "eval_loss", "train_rows", "steps")
                    if report.get(k) is not None}
@@ -186,34 +216,28 @@ def _human_train(r: dict) -> None:
 
 @app.command("eval")
 def eval_command(
-    bundle: Path = typer.Option(..., "--bundle"),
+    bundle: BundleDir,
     data: Path = typer.Option(..., "--data", help="Labelled data to evaluate on."),
-    state: Path | None = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
-    max_length: int | None = typer.Option(None, "--max-length"),
-    text_column: str | None = typer.Option(None, "--text-column"),
+    state: StateFile = None,
+    max_length: MaxLength = None,
+    text_column: TextColumn = None,
     label_column: str | None = typer.Option(None, "--label-column"),
     batch_size: int = typer.Option(64, "--batch-size"),
-    backend: str = typer.Option("ort", "--backend"),
-    threads: int | None = typer.Option(None, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    backend: Backend = BackendChoice.ort,
+    threads: Threads = None,
+    as_json: AsJson = False,
 ) -> None:
     """Evaluate the bundle (optionally with trained tensors) on labelled data: loss and accuracy."""
-    from device_runtime.backends import make_backend
-    from device_runtime.bundle.load import load_bundle
     from device_runtime.data import load_dataset
     from device_runtime.evaluate import evaluate
-    from device_runtime.state import apply_global_state
-    from device_runtime.train import peak_rss_mb
+    from device_runtime.resources import peak_rss_mb
 
     try:
-        b = load_bundle(bundle)
+        b, be = _bundle_and_backend(bundle, backend, threads, state)
         ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, label_column=label_column,
                           max_length=max_length)
-        be = make_backend(b, backend, threads=threads)
-        if state is not None:
-            apply_global_state(be, _load_tensors(state, be.get_tensors))
         res = evaluate(be, ds, batch_size)
-    except DeviceError as exc:
+    except DeftError as exc:
         _fail(str(exc))
     report = {"accuracy": res["accuracy"], "loss": res["loss"], "rows": res["rows"],
               "skipped_rows": ds.skipped_rows, "skipped": dict(ds.skipped), "bundle_hash": b.hash,
@@ -225,41 +249,35 @@ def eval_command(
 
 @app.command()
 def predict(
-    bundle: Path = typer.Option(..., "--bundle"),
+    bundle: BundleDir,
     data: Path | None = typer.Option(None, "--data", help="File of texts (labels, if any, are ignored)."),
     text: Optional[list[str]] = typer.Option(  # noqa: UP045 - typer needs Optional for lists
         None, "--text", help="A text to classify (repeatable)."),
-    state: Path | None = typer.Option(None, "--state", help="Trained tensors: update payload or safetensors."),
+    state: StateFile = None,
     member: Optional[list[Path]] = typer.Option(  # noqa: UP045
         None, "--member", help="Prompt-ensemble member (payload/safetensors with e.g. a soft prompt; repeatable)."),
     weight: Optional[list[float]] = typer.Option(  # noqa: UP045
         None, "--weight", help="Weight per --member (repeatable)."),
-    text_column: str | None = typer.Option(None, "--text-column"),
-    max_length: int | None = typer.Option(None, "--max-length"),
+    text_column: TextColumn = None,
+    max_length: MaxLength = None,
     batch_size: int = typer.Option(64, "--batch-size"),
-    backend: str = typer.Option("ort", "--backend"),
-    threads: int | None = typer.Option(None, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    backend: Backend = BackendChoice.ort,
+    threads: Threads = None,
+    as_json: AsJson = False,
 ) -> None:
     """Classify texts with the trained state, or with a weighted prompt ensemble (--member ...)."""
-    from device_runtime.backends import make_backend
-    from device_runtime.bundle.load import load_bundle
     from device_runtime.data import load_dataset, tokenize_texts
     from device_runtime.predict import label_names, predict_ensemble, predict_proba
-    from device_runtime.state import apply_global_state
 
     try:
         if (data is None) == (not text):
             raise DeviceError("give either --data FILE or one or more --text")
-        b = load_bundle(bundle)
+        b, be = _bundle_and_backend(bundle, backend, threads, state)
         if data is not None:
             ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, labelled=False,
                               max_length=max_length)
         else:
             ds = tokenize_texts(list(text), b.manifest, b.tokenizer, max_length)
-        be = make_backend(b, backend, threads=threads)
-        if state is not None:
-            apply_global_state(be, _load_tensors(state, be.get_tensors))
         if member:
             if weight and len(weight) != len(member):
                 raise DeviceError(f"{len(weight)} --weight values for {len(member)} --member files")
@@ -267,12 +285,12 @@ def predict(
             probs = predict_ensemble(be, ds, members, weight or None, batch_size)
         else:
             probs = predict_proba(be, ds, batch_size)
-    except DeviceError as exc:
+    except DeftError as exc:
         _fail(str(exc))
     pred = probs.argmax(-1)
     names = label_names(b.manifest, pred)
     rows = [{"text": t, "label": n, "probs": [round(float(x), 6) for x in p]}
-            for t, n, p in zip(ds.texts, names, probs)]
+            for t, n, p in zip(ds.texts, names, probs, strict=True)]
     report = {"predictions": rows, "labels": b.manifest.labels, "ensemble": len(member or []),
               "skipped_rows": ds.skipped_rows}
 
@@ -292,17 +310,20 @@ def predict(
 
 @app.command("run")
 def run_command(
-    broker: str = typer.Option(..., "--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in it)."),
+    broker: str = typer.Option(..., "--broker",
+                               help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in it)."),
     device_id: str = typer.Option(..., "--id", help="This device's id (also its MQTT user name)."),
     data: Path = typer.Option(..., "--data", help="Local training data (TSV/CSV/JSONL); it never leaves the device."),
-    password: str | None = typer.Option(None, "--password", help="MQTT password (or DEFT_PASSWORD, or in the URL)."),
-    fleet: str = typer.Option("default", "--fleet", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
-    workdir: Path | None = typer.Option(None, "--workdir", help="Bundles, checkpoints, spool (default ./deft-device-<id>)."),
+    password: str | None = typer.Option(None, "--password", envvar="DEFT_PASSWORD",
+                                        help="MQTT password (or in the URL)."),
+    fleet: str = typer.Option(DEFAULT_FLEET, "--fleet", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
+    workdir: Path | None = typer.Option(None, "--workdir",
+                                        help="Bundles, checkpoints, spool (default ./deft-device-<id>)."),
     bundle: Path | None = typer.Option(None, "--bundle", help="A bundle already on this device (skips the download)."),
     board: str | None = typer.Option(None, "--board", help="Hardware profile name sent in the hello (e.g. rpi5-8gb)."),
     text_column: str | None = typer.Option(None, "--text-column"),
     label_column: str | None = typer.Option(None, "--label-column"),
-    backend: str = typer.Option("ort", "--backend", help="ort (the only backend)."),
+    backend: BackendChoice = typer.Option("ort", "--backend", help="Training backend."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for training."),
     max_rounds: int | None = typer.Option(None, "--max-rounds", help="Exit after this many rounds."),
     max_packet_size: int | None = typer.Option(None, "--max-packet-size",
@@ -313,14 +334,12 @@ def run_command(
 ) -> None:
     """Join a fleet: train on each round's task and upload the update, until stopped (Ctrl-C / SIGTERM)."""
     import logging
-    import os
     import signal
 
     from pydantic import ValidationError
 
     from device_runtime.agent import AgentConfig, DeviceAgent
     from device_runtime.protocol import check_id
-    from device_runtime.protocol.errors import ProtocolError
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {device_id} %(levelname)s %(message)s")
@@ -329,18 +348,17 @@ def run_command(
         if not data.is_file():
             raise DeviceError(f"data file {data} does not exist")
         profile = {"board": board} if board else {}
-        cfg = AgentConfig(broker=broker, device_id=device_id, password=password or os.environ.get("DEFT_PASSWORD"),
+        cfg = AgentConfig(broker=broker, device_id=device_id, password=password,
                           fleet=fleet, data=data, workdir=workdir or Path(f"deft-device-{device_id}"),
-                          text_column=text_column, label_column=label_column, profile=profile, backend=backend,
+                          text_column=text_column, label_column=label_column, profile=profile, backend=backend.value,
                           threads=threads, max_rounds=max_rounds, idle_exit_s=idle_exit,
                           max_packet_size=max_packet_size)
         agent = DeviceAgent(cfg)
         if bundle is not None:
             agent.cache.add_dir(bundle)
     except ValidationError as exc:
-        e = exc.errors()[0]
-        _fail(f"{'.'.join(map(str, e['loc']))}: {e['msg']}")
-    except (DeviceError, ProtocolError) as exc:
+        _fail("{}: {}".format(*first_error(exc)))
+    except DeftError as exc:
         _fail(str(exc))
 
     def _stop(*_):
@@ -350,7 +368,7 @@ def run_command(
     signal.signal(signal.SIGINT, _stop)
     try:
         summary = agent.run()
-    except (DeviceError, ProtocolError) as exc:
+    except DeftError as exc:
         _fail(str(exc))
     _emit(summary, as_json, lambda r: typer.echo(
         f"{r['device']}: {len(r['rounds'])} round(s), up {r['bytes_up']:,} B, down {r['bytes_down']:,} B"))

@@ -7,8 +7,26 @@ and exits 2 instead of showing a traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-class DeviceError(Exception):
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+
+class DeftError(Exception):
+    """Base class of every error the kit reports to a user in one line (device, edge, export, hardware):
+    each CLI catches this one type, prints ``error: <message>`` and exits 2."""
+
+
+def first_error(exc: ValidationError, root: str = "") -> tuple[str, str]:
+    """Where and what the first problem of a pydantic ``ValidationError`` is, for a one-line message:
+    ``("devices.0.flops", "Input should be greater than 0")``; ``root`` names a problem with no location."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or root
+    return where, str(err.get("msg", "invalid")).removeprefix("Value error, ")
+
+
+class DeviceError(DeftError):
     """Base class: a problem with the device's inputs, reported to the user in one line."""
 
 

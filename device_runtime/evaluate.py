@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from device_runtime.backend import Backend
 from device_runtime.data import IGNORE_INDEX, Dataset, PadPolicy
 
 
-def correct_and_count(logits: np.ndarray, labels: np.ndarray, task: str, num_virtual_tokens: int = 0) -> tuple[int, int]:
+def correct_and_count(logits: np.ndarray, labels: np.ndarray, task: str, num_virtual_tokens: int = 0) -> tuple[int,
+                                                                                                               int]:
     if task == "seq-cls":
         return int((logits.argmax(-1) == labels).sum()), int(labels.shape[0])
     if num_virtual_tokens:
@@ -19,7 +21,7 @@ def correct_and_count(logits: np.ndarray, labels: np.ndarray, task: str, num_vir
     return int(((pred == target) & valid).sum()), int(valid.sum())
 
 
-def evaluate(backend, ds: Dataset, batch_size: int = 64, pad_to: PadPolicy = "longest") -> dict:
+def evaluate(backend: Backend, ds: Dataset, batch_size: int = 64, pad_to: PadPolicy = "longest") -> dict:
     """``{"loss", "accuracy", "rows"}`` of ``backend`` on ``ds`` (loss weighted by rows per batch)."""
     if ds.labels is None:
         raise ValueError("evaluation needs labelled data")

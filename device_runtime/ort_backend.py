@@ -1,8 +1,9 @@
-"""The default training backend: ONNX Runtime's on-device training API on the bundle's artifacts.
+"""The ``ort-training`` format's backend: ONNX Runtime's on-device training API on the bundle's artifacts
+(needs an ONNX Runtime training build; step-graph bundles use ``step_backend``).
 
 One object holds the three ORT pieces (CheckpointState, Module, Optimizer) and exposes the few
 operations the training loop, evaluation, prediction and checkpointing need, by tensor name, so
-the torch backend can offer the same surface.
+the step backend can offer the same surface.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device_runtime.backend import with_neutral_labels
 from device_runtime.bundle.load import Bundle
 from device_runtime.errors import BundleError, StateError
 from device_runtime.ort_training import load_training_api, quiet, set_seed
@@ -25,13 +27,7 @@ class OrtBackend:
         from onnxruntime.capi._pybind_state import SessionOptions
 
         options = SessionOptions()
-        # No busy-waiting between kernels: a device shares its few cores with the MQTT agent, the
-        # tokenizer and whatever else runs there, and spinning intra-op threads then steal the CPU the
-        # next kernel needs. Measured on 2 shared cores (bench/device_bench.py side by side): step time
-        # 0.23 s with and without spinning when the machine is idle, but 0.49-0.60 s with spinning vs
-        # 0.23 s without when other processes load it. Graph optimisation level, memory pattern,
-        # denormals-as-zero and the thread pool's block size measured no different; the parallel
-        # executor was slower (0.41 s).
+        # no busy-waiting between kernels: see device_runtime/step_backend.py's session options
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = int(threads)
@@ -74,14 +70,8 @@ class OrtBackend:
         return float(np.asarray(out[0])), np.asarray(out[1])
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits without labels (the eval graph needs a label input: give it a neutral one)."""
-        b = dict(batch)
-        ids = b["input_ids"]
-        if self.manifest.task == "seq-cls":
-            b["labels"] = np.zeros(ids.shape[0], dtype=np.int64)
-        else:
-            b["labels"] = np.where(b["attention_mask"] == 1, ids, -100).astype(np.int64)
-        return self.eval_batch(b)[1]
+        """Logits without labels (the eval graph takes a label input: give it a neutral one)."""
+        return self.eval_batch(with_neutral_labels(batch, self.manifest.task))[1]
 
     def _inputs(self, batch: dict[str, np.ndarray], with_labels: bool) -> list[np.ndarray]:
         names = list(self.manifest.inputs) + ([self.manifest.label_input] if with_labels else [])
@@ -105,7 +95,8 @@ class OrtBackend:
         params = dict(self._state.parameters)
         for n, v in tensors.items():
             if n not in params:
-                raise StateError(f"tensor {n!r} is not a parameter of this bundle; the state was made for another bundle")
+                raise StateError(f"tensor {n!r} is not a parameter of this bundle; the state was made for "
+                                 "another bundle")
             arr = np.ascontiguousarray(v, dtype=np.float32)
             if tuple(arr.shape) != tuple(params[n].data.shape):
                 raise StateError(f"tensor {n!r} has shape {tuple(arr.shape)}, the bundle expects "

@@ -27,15 +27,15 @@ def _install_stub_package() -> None:
     spec = importlib.util.find_spec("onnxruntime")  # locates the package without executing it
     if spec is None or spec.origin is None:
         raise BackendUnavailable(
-            "ONNX Runtime is not installed; install the device extra (pip install 'deftkit[device]') "
-            "or use the torch backend (--backend torch)"
+            "ONNX Runtime is not installed; install onnxruntime-training-cpu for --format ort-training bundles, "
+            "or re-export the bundle as a step graph (the default), which plain onnxruntime trains"
         )
     training_dir = os.path.join(os.path.dirname(spec.origin), "training")
     if not os.path.isdir(os.path.join(training_dir, "api")):
         raise BackendUnavailable(
             "the installed onnxruntime has no training API (plain `onnxruntime` shadows "
-            "`onnxruntime-training`); pip uninstall onnxruntime and reinstall onnxruntime-training-cpu, "
-            "or use --backend torch"
+            "`onnxruntime-training`); pip uninstall onnxruntime and install onnxruntime-training-cpu, "
+            "or re-export the bundle as a step graph (the default)"
         )
     stub = types.ModuleType(_TRAINING, "onnxruntime.training namespace (device_runtime stub, no torch)")
     stub.__path__ = [training_dir]
@@ -68,25 +68,16 @@ def load_training_api() -> types.ModuleType:
     except ImportError as exc:
         raise BackendUnavailable(
             f"ONNX Runtime's training API could not be loaded ({exc}); install onnxruntime-training-cpu "
-            "or use --backend torch"
+            "or re-export the bundle as a step graph (the default)"
         ) from exc
     from onnxruntime.capi import _pybind_state as capi
 
     if not hasattr(capi, "Module"):
         raise BackendUnavailable(
             "the installed onnxruntime is an inference-only build; install onnxruntime-training-cpu "
-            "or use --backend torch"
+            "or re-export the bundle as a step graph (the default)"
         )
     return api
-
-
-def ort_training_available() -> bool:
-    """True when the ORT training backend can be used on this machine."""
-    try:
-        load_training_api()
-    except BackendUnavailable:
-        return False
-    return True
 
 
 def set_seed(seed: int) -> None:

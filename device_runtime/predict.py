@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from device_runtime.backend import Backend
 from device_runtime.data import Dataset
 from device_runtime.errors import DeviceError
 from device_runtime.state import apply_global_state
@@ -23,7 +24,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def predict_logits(backend, ds: Dataset, batch_size: int = 64) -> np.ndarray:
+def predict_logits(backend: Backend, ds: Dataset, batch_size: int = 64) -> np.ndarray:
     """Logits for every row of ``ds`` in order ([N, C] for seq-cls; [N, S, V] per batch is not
     concatenated for causal LMs, so this is for classification bundles)."""
     if backend.manifest.task != "seq-cls":
@@ -35,11 +36,11 @@ def predict_logits(backend, ds: Dataset, batch_size: int = 64) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
-def predict_proba(backend, ds: Dataset, batch_size: int = 64) -> np.ndarray:
+def predict_proba(backend: Backend, ds: Dataset, batch_size: int = 64) -> np.ndarray:
     return softmax(predict_logits(backend, ds, batch_size).astype(np.float64)).astype(np.float32)
 
 
-def predict_ensemble(backend, ds: Dataset, members: Sequence[Mapping[str, np.ndarray]],
+def predict_ensemble(backend: Backend, ds: Dataset, members: Sequence[Mapping[str, np.ndarray]],
                      weights: Sequence[float] | None = None, batch_size: int = 64) -> np.ndarray:
     """Weighted mean of class probabilities over ``members`` (each a partial set of trainable tensors,
     e.g. ``{prompt_name: prompt}``). The backend's own tensors are restored afterwards."""
@@ -52,7 +53,7 @@ def predict_ensemble(backend, ds: Dataset, members: Sequence[Mapping[str, np.nda
     saved = backend.get_tensors()
     try:
         acc = None
-        for member, wi in zip(members, w):
+        for member, wi in zip(members, w, strict=True):
             apply_global_state(backend, member, partial=True)
             p = predict_proba(backend, ds, batch_size).astype(np.float64) * wi
             acc = p if acc is None else acc + p

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.bundle.manifest import Manifest
-from device_runtime.errors import DeviceError, StateError
+from device_runtime.errors import StateError
 
 
-def check_tensors(manifest: Manifest, tensors: Mapping[str, np.ndarray], *, partial: bool = False) -> dict[str, np.ndarray]:
+def check_tensors(manifest: Manifest, tensors: Mapping[str, np.ndarray], *,
+                  partial: bool = False) -> dict[str, np.ndarray]:
     """Validated float32 copies of ``tensors``; ``partial`` allows a subset of the trainable names."""
     specs = {t.name: t for t in manifest.trainable}
     unknown = sorted(set(tensors) - set(specs))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device_runtime.backend import with_neutral_labels
 from device_runtime.bundle.load import Bundle
 from device_runtime.errors import BackendUnavailable, BundleError, StateError
 from device_runtime.step_contract import ADAM_M, ADAM_V, NEW, STEP_LR, STEP_T
@@ -144,13 +145,7 @@ class StepBackend:
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Logits without labels (the eval graph takes a label input: give it a neutral one)."""
-        b = dict(batch)
-        ids = b["input_ids"]
-        if self.manifest.task == "seq-cls":
-            b["labels"] = np.zeros(ids.shape[0], dtype=np.int64)
-        else:
-            b["labels"] = np.where(b["attention_mask"] == 1, ids, -100).astype(np.int64)
-        return self.eval_batch(b)[1]
+        return self.eval_batch(with_neutral_labels(batch, self.manifest.task))[1]
 
     # -- tensors ----------------------------------------------------------------------------------
     def get_tensors(self) -> dict[str, np.ndarray]:

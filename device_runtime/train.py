@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -25,6 +23,7 @@ from device_runtime.checkpointing import CheckpointDir, run_fingerprint
 from device_runtime.data import Dataset, PadPolicy, batch_indices, steps_per_epoch
 from device_runtime.errors import DeviceError
 from device_runtime.evaluate import evaluate
+from device_runtime.resources import peak_rss_mb
 from device_runtime.state import apply_global_state
 
 Schedule = Literal["linear", "constant", "cosine"]
@@ -81,12 +80,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return cfg.lr * max(0.0, 1.0 - frac)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def dataset_digest(ds: Dataset) -> str:

@@ -5,8 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 import typer
+
+from device_runtime.choices import choices
+from device_runtime.errors import DeftError
+from device_runtime.payload import ENCODINGS
+from edge_broker.broker import Kind
+
+EncodingChoice = choices("EncodingChoice", ENCODINGS)
+BrokerKind = choices("BrokerKind", get_args(Kind))
 
 
 def demo_command(
@@ -16,9 +25,9 @@ def demo_command(
     rounds: int = typer.Option(3, min=1, help="Federated rounds."),
     epochs: float = typer.Option(1.0, help="Local epochs per round."),
     lr: float = typer.Option(1e-3, help="Local learning rate."),
-    encoding: str = typer.Option("int8", help="Update encoding: fp32, fp16, int8, int8-row."),
+    encoding: EncodingChoice = typer.Option("int8", help="Update encoding."),
     strategy: str = typer.Option("fedavg", help="fedavg, fedadam, median, trimmed_mean."),
-    broker: str = typer.Option("auto", help="auto (Mosquitto if installed, else embedded), mosquitto, embedded."),
+    broker: BrokerKind = typer.Option("auto", help="auto: Mosquitto if installed, else embedded."),
     emulator: bool = typer.Option(False, "--emulator", help="Devices train a 4-of-6-block emulator whose middle "
                                   "is distilled from the full model's; the report shows the emulator's and the "
                                   "plugged-in full model's accuracy."),
@@ -30,8 +39,6 @@ def demo_command(
     """Export MiniLM, start a broker, a coordinator and device processes, run federated rounds on SST-2."""
     from rich.console import Console
 
-    from device_runtime.protocol.errors import ProtocolError
-    from edge_broker.coordinator.config import CoordinatorError
     from edge_broker.demo.run import DemoOptions, quiet_logging, run_demo
 
     quiet_logging(verbose)
@@ -59,13 +66,14 @@ def demo_command(
                 f"[bold green]{e['accuracy']:.4f}[/bold green]{emu}, {e['wall_s']:.0f}s")
 
     opts = DemoOptions(workdir=workdir, devices=devices, rows_per_device=rows, rounds=rounds, epochs=epochs, lr=lr,
-                       encoding=encoding, strategy=strategy, broker=broker, emulator=emulator, skew=skew, fresh=fresh)
+                       encoding=encoding.value, strategy=strategy, broker=broker.value, emulator=emulator, skew=skew,
+                       fresh=fresh)
     try:
         report = run_demo(opts, say, on_event)
     except KeyboardInterrupt:
         console.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
-    except (CoordinatorError, ProtocolError, ValueError, OSError) as exc:
+    except (DeftError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     summary = {k: report.get(k) for k in ("accuracy", "final_accuracy", "initial_accuracy", "bytes_up", "bytes_down",
@@ -81,7 +89,8 @@ def demo_command(
     if report.get("initial_accuracy") is not None:
         t.add_row("0", f"{report['initial_accuracy']:.4f}", "", "", "")
     for r in report["rounds"]:
-        t.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['bytes_up'] / 1e3:,.0f}", f"{r['bytes_down'] / 1e3:,.0f}",
+        t.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['bytes_up'] / 1e3:,.0f}",
+                  f"{r['bytes_down'] / 1e3:,.0f}",
                   f"{r['wall_s']:.0f}")
     console.print(t)
     console.print(f"broker: {report['broker']}   wall time: {report['wall_s']:.0f}s   "

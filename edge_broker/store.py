@@ -5,7 +5,8 @@ killed with SIGKILL at any instant restarts with each update either fully stored
 half-written, and with each closed round's global tensors present. Updates are keyed by the
 envelope's idempotency key, so a QoS 1 redelivery or a replay is stored (and counted) once; a second,
 different update from the same device for the same round is refused too (one vote per device).
-Tensors are stored as safetensors bytes (never pickle).
+Tensors are stored as safetensors bytes (never pickle). One writer: the coordinator's single thread
+owns the connection (SQLite refuses its use from another thread).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from device_runtime.errors import DeftError
 
 SCHEMA_VERSION = 1
 
@@ -75,7 +77,7 @@ RoundStatus = Literal["open", "aggregating", "closed", "failed"]
 AddResult = Literal["stored", "duplicate_key", "device_already_counted"]
 
 
-class StoreError(Exception):
+class StoreError(DeftError):
     """The database cannot be opened or is from another kit version. The CLI prints ``error: <message>``."""
 
 
@@ -154,7 +156,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             # 64 KiB pages (takes effect only on a new database, before WAL): an update is a ~80-300 KB
             # blob, stored in a few pages instead of a 75-page overflow chain; ~3x faster to store
             self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
@@ -164,16 +166,14 @@ class Store:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
                 raise StoreError(f"{self.path} has store schema {version}; this kit expects {SCHEMA_VERSION}: "
-                                 "use a new --state path or the matching deftkit version")
+                                 "use a new --workdir or the matching deftkit version")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the coordinator database {self.path}: {exc}") from None
-        self._lock = threading.RLock()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def __enter__(self) -> Store:
         return self
@@ -184,19 +184,17 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One atomic transaction (BEGIN IMMEDIATE: take the write lock up front)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
 
     def integrity_ok(self) -> bool:
-        with self._lock:
-            return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
     # ---- devices --------------------------------------------------------------------------------
     def upsert_device(self, device: str, *, profile: Mapping[str, Any] | None = None,
@@ -227,7 +225,8 @@ class Store:
         """Mark devices silent for longer than ``silent_for_s`` as lost; return their ids."""
         cutoff = (time.time() if now is None else now) - silent_for_s
         with self._tx() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM devices WHERE status != 'lost' AND last_seen < ?", (cutoff,))]
+            ids = [r[0] for r in db.execute("SELECT id FROM devices WHERE status != 'lost' AND last_seen < ?",
+                                            (cutoff,))]
             db.executemany("UPDATE devices SET status='lost' WHERE id=?", [(i,) for i in ids])
         return ids
 
@@ -236,8 +235,7 @@ class Store:
         args: tuple = ()
         if status is not None:
             q, args = q + " WHERE status=?", (status,)
-        with self._lock:
-            rows = self._db.execute(q + " ORDER BY id", args).fetchall()
+        rows = self._db.execute(q + " ORDER BY id", args).fetchall()
         return [DeviceRecord(r[0], json.loads(r[1]), json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
 
     def device(self, device: str) -> DeviceRecord | None:
@@ -249,8 +247,10 @@ class Store:
         """Start a round; idempotent for a restarted coordinator (returns the existing record)."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO rounds(round, status, bundle_hash, config, started, deadline) VALUES (?,?,?,?,?,?)",
-                (round, "open", bundle_hash, json.dumps(dict(config or {})), time.time() if now is None else now, deadline),
+                "INSERT OR IGNORE INTO rounds(round, status, bundle_hash, config, started, deadline) "
+                "VALUES (?,?,?,?,?,?)",
+                (round, "open", bundle_hash, json.dumps(dict(config or {})), time.time() if now is None else now,
+                 deadline),
             )
         rec = self.round(round)
         assert rec is not None
@@ -259,22 +259,20 @@ class Store:
         return rec
 
     def round(self, round: int) -> RoundRecord | None:
-        with self._lock:
-            r = self._db.execute(
-                "SELECT round, status, bundle_hash, config, started, deadline, closed, result FROM rounds WHERE round=?",
-                (round,)).fetchone()
+        r = self._db.execute(
+            "SELECT round, status, bundle_hash, config, started, deadline, closed, result "
+            "FROM rounds WHERE round=?",
+            (round,)).fetchone()
         if r is None:
             return None
         return RoundRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], json.loads(r[7]) if r[7] else None)
 
     def rounds(self) -> list[RoundRecord]:
-        with self._lock:
-            ns = [r[0] for r in self._db.execute("SELECT round FROM rounds ORDER BY round")]
+        ns = [r[0] for r in self._db.execute("SELECT round FROM rounds ORDER BY round")]
         return [self.round(n) for n in ns]  # type: ignore[misc]
 
     def latest_round(self) -> RoundRecord | None:
-        with self._lock:
-            r = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()[0]
+        r = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()[0]
         return None if r is None else self.round(r)
 
     def set_round_status(self, round: int, status: RoundStatus, result: Mapping[str, Any] | None = None) -> None:
@@ -282,7 +280,8 @@ class Store:
             db.execute("UPDATE rounds SET status=?, result=COALESCE(?, result) WHERE round=?",
                        (status, json.dumps(dict(result)) if result is not None else None, round))
 
-    def commit_aggregate(self, round: int, tensors: Mapping[str, np.ndarray], *, result: Mapping[str, Any] | None = None,
+    def commit_aggregate(self, round: int, tensors: Mapping[str, np.ndarray], *,
+                         result: Mapping[str, Any] | None = None,
                          strategy_state: bytes | None = None, now: float | None = None) -> None:
         """Atomically: store the round's new global tensors, the strategy's state, and close the round."""
         blob = tensors_to_bytes(tensors)
@@ -331,9 +330,8 @@ class Store:
         return out
 
     def has_update(self, round: int, device: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM updates WHERE round=? AND device=? AND accepted=1",
-                                    (round, device)).fetchone() is not None
+        return self._db.execute("SELECT 1 FROM updates WHERE round=? AND device=? AND accepted=1",
+                                (round, device)).fetchone() is not None
 
     def updates(self, round: int, *, accepted: bool | None = True, with_payload: bool = True) -> list[UpdateRecord]:
         """A round's updates in arrival order. ``with_payload=False`` (a cheap "who has answered"): no
@@ -345,15 +343,13 @@ class Store:
         if accepted is not None:
             q += " AND accepted=?"
             args.append(int(accepted))
-        with self._lock:
-            rows = self._db.execute(q + " ORDER BY received, key", args).fetchall()
+        rows = self._db.execute(q + " ORDER BY received, key", args).fetchall()
         return [UpdateRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], json.loads(r[7]),
                              bytes(r[8]) if r[8] is not None else None, r[9]) for r in rows]
 
     def count_updates(self, round: int, accepted: bool = True) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM updates WHERE round=? AND accepted=?",
-                                    (round, int(accepted))).fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM updates WHERE round=? AND accepted=?",
+                                (round, int(accepted))).fetchone()[0]
 
     # ---- global tensors and state ---------------------------------------------------------------
     def save_global(self, round: int, tensors: Mapping[str, np.ndarray], now: float | None = None) -> None:
@@ -365,15 +361,16 @@ class Store:
 
     def load_global(self, round: int | None = None) -> tuple[int, dict[str, np.ndarray]] | None:
         """(round, tensors) for ``round``, or the latest stored; None if there is none."""
-        with self._lock:
-            if round is None:
-                r = self._db.execute("SELECT round, tensors, sha256 FROM globals ORDER BY round DESC LIMIT 1").fetchone()
-            else:
-                r = self._db.execute("SELECT round, tensors, sha256 FROM globals WHERE round=?", (round,)).fetchone()
+        if round is None:
+            r = self._db.execute(
+                "SELECT round, tensors, sha256 FROM globals ORDER BY round DESC LIMIT 1").fetchone()
+        else:
+            r = self._db.execute("SELECT round, tensors, sha256 FROM globals WHERE round=?", (round,)).fetchone()
         if r is None:
             return None
         if hashlib.sha256(r[1]).hexdigest() != r[2]:
-            raise StoreError(f"global tensors of round {r[0]} in {self.path} fail their sha256: the database is corrupt")
+            raise StoreError(f"global tensors of round {r[0]} in {self.path} fail their sha256: the database is "
+                             "corrupt")
         return r[0], tensors_from_bytes(r[1])
 
     def put_state(self, name: str, value: bytes) -> None:
@@ -381,6 +378,5 @@ class Store:
             db.execute("INSERT OR REPLACE INTO state(name, value, updated) VALUES (?,?,?)", (name, value, time.time()))
 
     def get_state(self, name: str) -> bytes | None:
-        with self._lock:
-            r = self._db.execute("SELECT value FROM state WHERE name=?", (name,)).fetchone()
+        r = self._db.execute("SELECT value FROM state WHERE name=?", (name,)).fetchone()
         return None if r is None else bytes(r[0])

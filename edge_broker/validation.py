@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
 
 
-class RejectReason(str, Enum):
+class RejectReason(StrEnum):
     TOO_LARGE = "too_large"
     MALFORMED = "malformed"  # not decodable: truncated, tampered (content hash), not a payload
     UNKNOWN_DEVICE = "unknown_device"
@@ -172,7 +172,8 @@ def validate_payload(
         return None, Rejection(RejectReason.DEVICE_MISMATCH,
                                f"payload claims device {meta.device_id!r} but was sent by {sender!r}")
     if round is not None and meta.round != round:
-        return None, Rejection(RejectReason.WRONG_ROUND, f"payload says round {meta.round}, sent on round {round}'s topic")
+        return None, Rejection(RejectReason.WRONG_ROUND,
+                               f"payload says round {meta.round}, sent on round {round}'s topic")
     rej = validate_update(rules, device=sender, round=meta.round, bundle_hash=meta.bundle_hash,
                           tensors=upd.tensors, samples=meta.samples, payload_bytes=len(blob))
     if rej is not None:

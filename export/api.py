@@ -25,10 +25,10 @@ from device_runtime.bundle.manifest import (
     StepSpec,
     TensorSpec,
 )
+from device_runtime.weights import safetensors_offsets
 from export import onnx_graph
 from export import step_graph as step_graph_mod
 from export.architectures import Architecture, architecture_for
-from device_runtime.weights import safetensors_offsets
 from export.bundle_writer import check_destination, finalize, staging_dir
 from export.config import ExportConfig
 from export.emulator import apply_emulator, full_spec, select_layers

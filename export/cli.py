@@ -9,6 +9,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from device_runtime.errors import first_error
 from export.errors import ExportError
 
 
@@ -28,9 +29,10 @@ def _strs(text: str | None) -> list[str] | None:
 def _schedule(text: str, n_hint: int | None = None) -> tuple[int, int]:
     try:
         kind, lo, hi = text.split(":")
-        assert kind == "linear"
+        if kind != "linear":
+            raise ValueError(kind)
         return int(lo), int(hi)
-    except (ValueError, AssertionError):
+    except ValueError:
         raise ExportError(f"--rank-schedule takes linear:MIN:MAX (e.g. linear:4:16), got '{text}'") from None
 
 
@@ -116,9 +118,8 @@ def export_command(
         try:
             cfg = ExportConfig(**opts)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(x) for x in err["loc"]) or "option"
-            raise ExportError(f"--{field.replace('_', '-')}: {err['msg']}") from None
+            field, msg = first_error(exc, "option")
+            raise ExportError(f"--{field.replace('_', '-')}: {msg}") from None
         with con.status("exporting") as status:
             manifest = export_bundle(model, out, cfg, force=force, progress=lambda s: status.update(s))
     except ExportError as exc:

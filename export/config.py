@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 PeftChoice = Literal["lora", "prompt", "head", "lora+prompt"]
 
@@ -101,7 +101,7 @@ class ExportConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "ExportConfig":
+    def _check(self) -> ExportConfig:
         from export.errors import ExportError
 
         if self.lora_r <= 0:
@@ -146,13 +146,3 @@ class ExportConfig(BaseModel):
         if self.labels is not None:
             return list(self.labels)
         return [str(i) for i in range(self.num_labels or 0)]
-
-
-class ExportRequest(BaseModel):
-    """A whole export: source, destination and config."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    out: str
-    force: bool = False
-    config: ExportConfig = Field(default_factory=ExportConfig)

@@ -24,10 +24,11 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from device_runtime.bundle.names import WRAPPED_PREFIX as _PREFIX  # the wrappers below hold the model as ``m``
 from export.errors import ExportError
 
 MAX_IR_VERSION = 10
-_PREFIX = "m."  # attribute name of the wrapped model inside the export wrappers below
+
 IGNORE_INDEX = -100
 
 

@@ -27,7 +27,7 @@ def to_full_names(manifest: Manifest, tensors: Mapping[str, np.ndarray]) -> dict
     layer_map = manifest.emulator.layer_map
     out: dict[str, np.ndarray] = {}
     for name, arr in tensors.items():
-        def repl(m: re.Match[str]) -> str:
+        def repl(m: re.Match[str], name: str = name) -> str:
             i = int(m.group(2))
             if i >= len(layer_map):
                 raise ExportError(f"tensor '{name}' names block {i} but the emulator has {len(layer_map)} blocks")

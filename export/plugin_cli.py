@@ -25,7 +25,8 @@ def _fail(msg: str) -> None:
 def plugin_command(
     bundle: Path = typer.Option(..., "--bundle", help="The bundle the state was trained on."),
     state: Path = typer.Option(..., "--state", help="Trained tensors: an update payload or a safetensors file."),
-    out: Path = typer.Option(..., "--out", help="PEFT adapter directory to write (loads with PeftModel.from_pretrained)."),
+    out: Path = typer.Option(..., "--out",
+                             help="PEFT adapter directory to write (loads with PeftModel.from_pretrained)."),
     model: str | None = typer.Option(None, "--model",
                                      help="The full model the bundle was exported from (default: the manifest's)."),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Labelled data: score the full model on it."),

@@ -24,13 +24,13 @@ data-dependent guard in transformers' mask code (the loader already asks for eag
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from collections.abc import Sequence
 
 import onnx
 import torch
 
+from device_runtime.bundle.names import WRAPPED_PREFIX
 from device_runtime.step_contract import (
     ADAM_M,
     ADAM_V,
@@ -43,7 +43,6 @@ from device_runtime.step_contract import (
 )
 from export.errors import ExportError
 from export.onnx_graph import MAX_IR_VERSION, TrainingForward, sample_inputs, traceable_masks
-
 
 #: graph-input name prefix of PEFT's soft-prompt token ids (``PeftModel.prompt_tokens``)
 PROMPT_TOKENS = "peft_prompt_tokens."
@@ -66,7 +65,7 @@ def make_step_fn(model: torch.nn.Module, task: str, num_virtual_tokens: int, tra
     ``(loss, *new_trainable, *new_m, *new_v)`` over the training forward of ``model``."""
     wrapper = TrainingForward(model, task, num_virtual_tokens)
     n = len(trainable)
-    prefix = "m."
+    prefix = WRAPPED_PREFIX
     held = [k for k in frozen if k.startswith(PROMPT_TOKENS)]
 
     def step(input_ids, attention_mask, labels, lr, t, *tensors):
@@ -151,7 +150,7 @@ def export_step_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int
     model.train(dropout)
     try:
         with _quiet(), traceable_masks(), torch.enable_grad():
-            gm = make_fx(torch.func.functionalize(fn, remove="mutations_and_views") if os.environ.get("DEFT_FUNC") else fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(*example)
+            gm = make_fx(fn, tracing_mode="symbolic", decomposition_table=core_aten_decompositions())(*example)
     finally:
         model.train(was_training)
 
@@ -162,7 +161,7 @@ def export_step_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int
     dynamic_shapes = tuple(dyn.get(name) for name in in_names)
     with _quiet():
         prog = torch.onnx.export(gm, example, dynamo=True, opset_version=max(opset, 18), input_names=in_names,
-                                 output_names=out_names, dynamic_shapes=dynamic_shapes, optimize=os.environ.get("DEFT_NOOPT") is None,
+                                 output_names=out_names, dynamic_shapes=dynamic_shapes, optimize=True,
                                  verbose=False, report=False)
     proto = prog.model_proto
     return _frozen_inputs_to_initializers(proto, {k: frozen_vals[k] for k in frozen})

@@ -8,7 +8,10 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hardware profiles, cost tables and testbeds (inventory, flash, provision, status).")
+from device_runtime.errors import DeftError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Hardware profiles, cost tables and testbeds (inventory, flash, provision, status).")
 
 
 def _fail(exc: Exception) -> None:
@@ -25,11 +28,11 @@ def profiles_command(
     from rich.console import Console
     from rich.table import Table
 
-    from hardware.profiles import ProfileError, builtin_profiles, get_profile
+    from hardware.profiles import builtin_profiles, get_profile
 
     try:
         chosen = [get_profile(profile)] if profile else list(builtin_profiles().values())
-    except ProfileError as exc:
+    except DeftError as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps([p.model_dump() for p in chosen] if not profile else chosen[0].model_dump()))
@@ -77,8 +80,8 @@ def scale_command(
     as_json: bool = typer.Option(False, "--json", help="Print the predicted table as one JSON line."),
 ) -> None:
     """Predict a cost table on another profile from its compute and memory figures."""
-    from hardware.cost_table import CostTable, CostTableError
-    from hardware.profiles import ProfileError, get_profile
+    from hardware.cost_table import CostTable
+    from hardware.profiles import get_profile
     from hardware.scaling import deepest_fitting_depth, scale_cost_table
 
     try:
@@ -86,7 +89,7 @@ def scale_command(
         src = get_profile(source or measured.profile)
         dst = get_profile(to)
         predicted = scale_cost_table(measured, src, dst, compute_fraction=compute_fraction)
-    except (CostTableError, ProfileError) as exc:
+    except DeftError as exc:
         _fail(exc)
     if out:
         predicted.save(out)
@@ -101,7 +104,7 @@ def scale_command(
     )
     for col in ("depth", "step s (measured)", "step s (predicted)", "peak MiB", "update KiB"):
         t.add_column(col, justify="right")
-    for a, b in zip(measured.entries, predicted.entries):
+    for a, b in zip(measured.entries, predicted.entries, strict=True):
         t.add_row(
             str(a.depth),
             f"{a.step_latency_s:.4g}",
@@ -146,9 +149,8 @@ def profile_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from device_runtime.errors import BundleError
     from hardware.profiler import ProfilerError, open_bundle, profile_bundle
-    from hardware.profiles import ProfileError, get_profile
+    from hardware.profiles import get_profile
 
     try:
         prof = get_profile(profile)
@@ -182,7 +184,7 @@ def profile_command(
                 threads=threads,
                 on_progress=on_progress,
             )
-    except (BundleError, ProfilerError, ProfileError) as exc:
+    except DeftError as exc:
         _fail(exc)
     result.table.save(out)
     if as_json:
@@ -210,7 +212,7 @@ def profile_command(
     )
     for col in ("depth", "block", "step ms", "peak RSS MiB", "update KiB"):
         t.add_column(col, justify="right")
-    for e, raw, m in zip(result.table.entries, result.measured.entries, result.measurements):
+    for e, raw, m in zip(result.table.entries, result.measured.entries, result.measurements, strict=True):
         lat = f"{e.step_latency_s * 1e3:.2f}"
         if (e.depth, "step_latency_s") in fixed:
             lat = f"*{lat} [{raw.step_latency_s * 1e3:.2f}]"
@@ -402,7 +404,8 @@ def provision_command(
     inventory: InventoryOpt,
     limit: Annotated[str | None, typer.Option("--limit", help="Only these device ids (comma-separated).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Dry run: report what would change, change nothing.")] = False,
-    cache: Annotated[Path | None, typer.Option("--cache", help="Wheel cache (default ~/.cache/deftkit/wheels).")] = None,
+    cache: Annotated[Path | None,
+                     typer.Option("--cache", help="Wheel cache (default ~/.cache/deftkit/wheels).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report as the last stdout line.")] = False,
 ) -> None:
     """Install the kit as a service on the boards over SSH (Ansible): venv from wheels built here,

@@ -8,15 +8,17 @@ measures a table on the current machine; :mod:`hardware.scaling` predicts one fo
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from device_runtime.errors import DeftError, first_error
 from hardware.profiles import Profile
 
 
-class CostTableError(ValueError):
+class CostTableError(DeftError, ValueError):
     """A cost table is malformed or does not match the profile it is used with."""
 
 
@@ -56,7 +58,7 @@ class CostTable(BaseModel):
         """Latency and peak memory non-decreasing in depth (what the allocator's model assumes)."""
         return all(
             b.step_latency_s >= a.step_latency_s and b.peak_memory_bytes >= a.peak_memory_bytes
-            for a, b in zip(self.entries, self.entries[1:])
+            for a, b in pairwise(self.entries)
         )
 
     def monotone(self) -> CostTable:
@@ -107,6 +109,5 @@ class CostTable(BaseModel):
         except json.JSONDecodeError as exc:
             raise CostTableError(f"cost table {p} is not valid JSON ({exc.msg})") from None
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            raise CostTableError(f"cost table {p}: field '{loc}': {err['msg']}") from None
+            loc, msg = first_error(exc, "(top level)")
+            raise CostTableError(f"cost table {p}: field '{loc}': {msg}") from None

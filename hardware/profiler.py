@@ -28,12 +28,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_runtime.bundle.manifest import Manifest, TensorSpec
+from device_runtime.errors import DeftError
 from hardware.cost_table import CostEntry, CostTable
 
 BYTES_PER_FP32 = 4
 
 
-class ProfilerError(ValueError):
+class ProfilerError(DeftError, ValueError):
     """The bundle cannot be profiled (no trainable blocks, a failed measurement); the message says why."""
 
 
@@ -119,7 +120,7 @@ class ProfileResult(BaseModel):
 def adjustments(measured: CostTable, table: CostTable) -> list[Adjustment]:
     """Entries where ``table`` (the monotone one) differs from ``measured``."""
     out = []
-    for a, b in zip(measured.entries, table.entries):
+    for a, b in zip(measured.entries, table.entries, strict=True):
         for field in ("step_latency_s", "peak_memory_bytes"):
             if getattr(a, field) != getattr(b, field):
                 out.append(

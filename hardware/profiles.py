@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from device_runtime.errors import DeftError, first_error
+
 BUILTIN_DIR = Path(__file__).with_name("boards")
 
 # Every figure that must carry a citation in [sources].
@@ -27,7 +29,7 @@ CITED_FIELDS = (
 )
 
 
-class ProfileError(ValueError):
+class ProfileError(DeftError, ValueError):
     """A profile file is missing, unreadable or incomplete; the message names the file and the field."""
 
 
@@ -95,13 +97,11 @@ def load_profile(path: str | Path) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        if err["type"] == "missing":
+        loc, msg = first_error(exc, "(top level)")
+        if exc.errors()[0]["type"] == "missing":
             raise ProfileError(
                 f"profile file {p}: missing field '{loc}'; add it with a citation under [sources]"
             ) from None
-        msg = err["msg"].removeprefix("Value error, ")
         raise ProfileError(f"profile file {p}: field '{loc}': {msg}") from None
 
 

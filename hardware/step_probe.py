@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: on Linux that keeps the high-water
-    mark of the process before ``exec``, i.e. of the (possibly large) parent that started us."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from device_runtime.resources import peak_rss_mb
 
 
 def _run(bundle: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:

@@ -8,6 +8,7 @@ is absent (``apt install mosquitto``).
 
 from __future__ import annotations
 
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,6 +20,15 @@ import pytest
 from device_runtime.protocol.topics import Topics
 
 FLEET = "test"
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str = "the condition") -> None:
+    """Poll ``condition`` until it is true; fail the test naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:.0f}s")
+        time.sleep(0.02)
 DEVICES = ("dev1", "dev2", "dev3", "dev4", "dev5")
 PASSWORDS = {"edge": "edge-secret", **{d: f"{d}-secret" for d in DEVICES}}
 #: small, so chunking and oversize tests move kilobytes, not megabytes

@@ -13,6 +13,7 @@ training, ``sent/round-N.deft`` once it has an update to send).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -78,10 +79,8 @@ class Proc:
         """SIGKILL this process (and only it) and reap it."""
         if self.alive():
             self.popen.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a SIGKILLed process always dies
             self.popen.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a SIGKILLed process always dies
-            pass
 
     def wait(self, timeout: float) -> int:
         """Wait for a normal exit; fail the test with the log tail if it does not come in time."""

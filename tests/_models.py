@@ -50,8 +50,16 @@ _TINY = dict(hidden=32, layers=4, heads=2, inter=64)
 def make_tiny_model(kind: str, out: Path) -> Path:
     """Save a tiny random model of ``kind`` (bert / roberta / gpt2 / llama) with a tokenizer to ``out``."""
     import torch
-    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                              LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     torch.manual_seed(1234)
     vocab = 30522

@@ -43,13 +43,13 @@ def test_fedavg_is_sample_weighted_and_full_equals_delta():
     a = {k: np.ones(s, np.float32) for k, s in SHAPES.items()}
     b = {k: np.full(s, 4.0, np.float32) for k, s in SHAPES.items()}
     ups = [ClientUpdate("a", a, samples=300), ClientUpdate("b", b, samples=100)]
-    out = get_strategy("fedavg").aggregate(g, ups)
+    out = get_strategy("fedavg").aggregate(g, ups)[0]
     for k in SHAPES:
         np.testing.assert_allclose(out[k], g[k] + (0.75 * 1 + 0.25 * 4), rtol=1e-6)
         assert out[k].dtype == np.float32
     # the same updates sent as full tensors give the same global state
     full = [ClientUpdate(u.device, {k: g[k] + u.tensors[k] for k in SHAPES}, u.samples, is_delta=False) for u in ups]
-    out_full = get_strategy("fedavg").aggregate(g, full)
+    out_full = get_strategy("fedavg").aggregate(g, full)[0]
     for k in SHAPES:
         np.testing.assert_allclose(out_full[k], out[k], atol=1e-5)
 
@@ -62,7 +62,8 @@ def test_one_bad_device_in_five_moves_fedavg_but_not_median_or_trimmed_mean(atta
     ups = [ClientUpdate(f"d{i}", d, samples=100) for i, d in enumerate(deltas)] + [ClientUpdate("evil", bad, 100)]
     target = {k: g[k] + honest_mean_of_4[k] for k in SHAPES}
     honest_step = _dist({k: honest_mean_of_4[k] for k in SHAPES}, {k: np.zeros(s) for k, s in SHAPES.items()})
-    err = {name: _dist(get_strategy(name).aggregate(g, ups), target) for name in ("fedavg", "median", "trimmed_mean")}
+    err = {name: _dist(get_strategy(name).aggregate(g, ups)[0], target) for name in ("fedavg", "median",
+                                                                                     "trimmed_mean")}
     assert err["fedavg"] > 1.5 * honest_step, err  # FedAvg is dragged further than the honest step itself
     for robust in ("median", "trimmed_mean"):
         assert err[robust] < 0.1 * honest_step, err  # within the honest devices' noise
@@ -78,9 +79,10 @@ def test_clipping_bounds_one_device_for_fedavg():
     target = {k: g[k] + mean4[k] for k in SHAPES}
     plain = get_strategy("fedavg")
     clipped = get_strategy("fedavg", clip_norm=float(honest_norm))
-    e_plain = _dist(plain.aggregate(g, ups), target)
-    e_clip = _dist(clipped.aggregate(g, ups), target)
-    assert clipped.report.clipped == ["evil"]
+    e_plain = _dist(plain.aggregate(g, ups)[0], target)
+    new, report = clipped.aggregate(g, ups)
+    e_clip = _dist(new, target)
+    assert report.clipped == ["evil"] and report.devices[-1] == "evil"  # returned, not kept on the strategy
     assert e_clip < e_plain / 10
 
 
@@ -88,10 +90,10 @@ def test_median_and_trimmed_mean_exact_on_small_case():
     g = {"w": np.zeros((3,), np.float32)}
     vals = [[1, 10, -1], [2, 20, -2], [3, 30, -3], [4, 40, -4], [100, -100, 100]]
     ups = [ClientUpdate(f"d{i}", {"w": np.array(v, np.float32)}, samples=1 + i) for i, v in enumerate(vals)]
-    np.testing.assert_allclose(get_strategy("median").aggregate(g, ups)["w"], [3, 20, -2])
+    np.testing.assert_allclose(get_strategy("median").aggregate(g, ups)[0]["w"], [3, 20, -2])
     # trim 0.2 of 5 = 1 per side per coordinate: mean of the middle three
-    np.testing.assert_allclose(get_strategy("trimmed_mean", trim=0.2).aggregate(g, ups)["w"], [3, 20, -2])
-    np.testing.assert_allclose(get_strategy("trimmed_mean", trim=0.0).aggregate(g, ups)["w"], [22, 0, 18])
+    np.testing.assert_allclose(get_strategy("trimmed_mean", trim=0.2).aggregate(g, ups)[0]["w"], [3, 20, -2])
+    np.testing.assert_allclose(get_strategy("trimmed_mean", trim=0.0).aggregate(g, ups)[0]["w"], [22, 0, 18])
 
 
 def test_fedadam_matches_hand_computed_steps_and_resumes_from_state():
@@ -99,16 +101,16 @@ def test_fedadam_matches_hand_computed_steps_and_resumes_from_state():
     d1 = ClientUpdate("a", {"w": np.array([0.2, -0.4])}, 1)
     d2 = ClientUpdate("a", {"w": np.array([0.1, 0.1])}, 1)
     s = get_strategy("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
-    x1 = s.aggregate(g, [d1])
+    x1 = s.aggregate(g, [d1])[0]
     m = 0.1 * np.array([0.2, -0.4])
     v = 0.01 * np.array([0.2, -0.4]) ** 2
     np.testing.assert_allclose(x1["w"], g["w"] + 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-6)
     # a coordinator restarted between rounds continues the same optimiser from the saved state
     resumed = get_strategy("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
     resumed.load_state_dict(s.state_dict())
-    x2_a, x2_b = s.aggregate(x1, [d2]), resumed.aggregate(x1, [d2])
+    x2_a, x2_b = s.aggregate(x1, [d2])[0], resumed.aggregate(x1, [d2])[0]
     np.testing.assert_array_equal(x2_a["w"], x2_b["w"])
-    fresh = get_strategy("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3).aggregate(x1, [d2])
+    fresh = get_strategy("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3).aggregate(x1, [d2])[0]
     assert not np.allclose(fresh["w"], x2_a["w"])  # the state mattered
     assert resumed.state_dict()["step"][0] == 2
 
@@ -119,11 +121,23 @@ def test_inconsistent_updates_are_named():
     missing = dict(ok)
     missing.pop("classifier.weight")
     with pytest.raises(AggregationError, match="update from x does not match.*classifier.weight"):
-        get_strategy("fedavg").aggregate(g, [ClientUpdate("x", missing, 1)])
+        get_strategy("fedavg").aggregate(g, [ClientUpdate("x", missing, 1)])[0]
     wrong = dict(ok, **{"classifier.weight": np.zeros((3, 32))})
     with pytest.raises(AggregationError, match=r"shape \(3, 32\)"):
-        get_strategy("median").aggregate(g, [ClientUpdate("y", wrong, 1)])
+        get_strategy("median").aggregate(g, [ClientUpdate("y", wrong, 1)])[0]
     with pytest.raises(AggregationError, match="no updates"):
-        get_strategy("fedavg").aggregate(g, [])
+        get_strategy("fedavg").aggregate(g, [])[0]
     with pytest.raises(AggregationError, match="samples > 0"):
-        get_strategy("fedavg").aggregate(g, [ClientUpdate("z", ok, 0)])
+        get_strategy("fedavg").aggregate(g, [ClientUpdate("z", ok, 0)])[0]
+
+
+def test_shared_maths_are_pure_functions():
+    from edge_broker.aggregation.aggregate import clip_deltas, median, trimmed_mean, weighted_mean
+
+    deltas = [{"w": np.array([1.0, 0.0])}, {"w": np.array([3.0, 4.0])}, {"w": np.array([100.0, -100.0])}]
+    np.testing.assert_allclose(weighted_mean(deltas[:2], np.array([0.75, 0.25]))["w"], [1.5, 1.0])
+    np.testing.assert_allclose(median(deltas)["w"], [3.0, 0.0])
+    np.testing.assert_allclose(trimmed_mean(deltas, 0.34)["w"], [3.0, 0.0])
+    clipped, idx = clip_deltas(deltas, 5.0)
+    assert idx == [2] and np.isclose(np.linalg.norm(clipped[2]["w"]), 5.0)
+    assert deltas[2]["w"][0] == 100.0  # the input is left as it was

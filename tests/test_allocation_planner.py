@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from deftkit import __version__
 from device_runtime.bundle.manifest import Manifest
 from device_runtime.protocol.messages import Hello
 from edge_broker.allocation.instance import Infeasible, check_allocation
@@ -41,7 +42,7 @@ def _table(depths=(1, 2, 3, 4)) -> CostTable:
 
 
 def _hello(board: str, backend: str) -> Hello:
-    return Hello(kit_version="0.1.0", profile={"board": board}, capabilities={"backend": backend})
+    return Hello(kit_version=__version__, profile={"board": board}, capabilities={"backend": backend})
 
 
 FLEET = [

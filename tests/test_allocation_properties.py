@@ -60,48 +60,54 @@ def instances(
     return {"devices": devices, "blocks": blocks, "total_bandwidth": total, "noise": 4e-21}
 
 
+def _both(reference, solver, inst: Instance):
+    """(reference's allocation, solver's), or None when the reference finds ``inst`` infeasible (and
+    then the solver must say so too)."""
+    try:
+        want = reference(inst)
+    except Infeasible:
+        with pytest.raises(Infeasible):
+            solver(inst)
+        return None
+    return want, solver(inst)
+
+
+def _crunch_equals_brute_force(inst: Instance) -> None:
+    pair = _both(brute_force, crunch, inst)
+    if pair is not None:
+        want, got = pair
+        check_allocation(inst, got)
+        assert got.latency == pytest.approx(want.latency, rel=1e-12)
+
+
+def _joint_feasible_against(reference, inst: Instance):
+    """(reference's allocation, joint's), joint's checked to be feasible within the bandwidth budget."""
+    pair = _both(reference, joint, inst)
+    if pair is not None:
+        check_allocation(inst, pair[1], total_bandwidth=inst.total_bandwidth)
+    return pair
+
+
 @settings(max_examples=1500, **SETTINGS)
 @given(instances())
 def test_crunch_equals_brute_force(data: dict) -> None:
-    inst = Instance.parse(data)
-    try:
-        want = brute_force(inst)
-    except Infeasible:
-        with pytest.raises(Infeasible):
-            crunch(inst)
-        return
-    got = crunch(inst)
-    check_allocation(inst, got)
-    assert got.latency == pytest.approx(want.latency, rel=1e-12)
+    _crunch_equals_brute_force(Instance.parse(data))
 
 
 @settings(max_examples=250, **SETTINGS)
 @given(instances(max_n=5, max_d=5, max_capacity=3))
 def test_crunch_equals_brute_force_with_capacity(data: dict) -> None:
-    inst = Instance.parse(data)
-    try:
-        want = brute_force(inst)
-    except Infeasible:
-        with pytest.raises(Infeasible):
-            crunch(inst)
-        return
-    got = crunch(inst)
-    check_allocation(inst, got)
-    assert got.latency == pytest.approx(want.latency, rel=1e-12)
+    _crunch_equals_brute_force(Instance.parse(data))
 
 
 @settings(max_examples=600, **SETTINGS)
 @given(instances())
 def test_joint_within_one_percent_of_exact_and_feasible(data: dict) -> None:
     inst = Instance.parse(data)
-    try:
-        ref = joint_exact(inst)
-    except Infeasible:
-        with pytest.raises(Infeasible):
-            joint(inst)
+    pair = _joint_feasible_against(joint_exact, inst)
+    if pair is None:
         return
-    got = joint(inst)
-    check_allocation(inst, got, total_bandwidth=inst.total_bandwidth)
+    ref, got = pair
     check_allocation(inst, ref, total_bandwidth=inst.total_bandwidth)
     assert got.latency <= ref.latency * 1.01
     # The joint optimum can never be worse than any allocation that also respects the budget.
@@ -111,16 +117,10 @@ def test_joint_within_one_percent_of_exact_and_feasible(data: dict) -> None:
 @settings(max_examples=60, **SETTINGS)
 @given(instances(max_n=5, max_d=5, max_capacity=3))
 def test_joint_feasible_with_capacity(data: dict) -> None:
-    inst = Instance.parse(data)
-    try:
-        eq = equal_split(inst)
-    except Infeasible:
-        with pytest.raises(Infeasible):
-            joint(inst)
-        return
-    got = joint(inst)
-    check_allocation(inst, got, total_bandwidth=inst.total_bandwidth)
-    assert got.latency <= eq.latency * (1 + 1e-9)
+    pair = _joint_feasible_against(equal_split, Instance.parse(data))
+    if pair is not None:
+        eq, got = pair
+        assert got.latency <= eq.latency * (1 + 1e-9)
 
 
 @settings(max_examples=80, **SETTINGS)
@@ -159,12 +159,8 @@ def test_exact_joint_reference_equals_enumeration(data: dict) -> None:
     """The reference itself is checked: bisection + Hungarian equals water-filling every matching."""
     from edge_broker.allocation.brute import brute_force_joint
 
-    inst = Instance.parse(data)
-    try:
-        want = brute_force_joint(inst)
-    except Infeasible:
-        with pytest.raises(Infeasible):
-            joint_exact(inst)
+    pair = _both(brute_force_joint, joint_exact, Instance.parse(data))
+    if pair is None:
         return
-    got = joint_exact(inst)
+    want, got = pair
     assert got.latency == pytest.approx(want.latency, rel=1e-6)

@@ -52,7 +52,8 @@ def test_missing_qemu_is_a_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tests.arm.emulator", "setup"], check=False, capture_output=True,
                        text=True, env=env, cwd=REPO, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert r.stderr.startswith("error: qemu-aarch64-static not found") and "apt-get install qemu-user-static" in r.stderr
+    assert r.stderr.startswith("error: qemu-aarch64-static not found")
+    assert "apt-get install qemu-user-static" in r.stderr
     assert not (tmp_path / "arm").exists()
 
 

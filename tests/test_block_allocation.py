@@ -61,7 +61,8 @@ def test_each_device_trains_only_its_blocks_and_the_global_state_combines_them(
     plan = report["rounds"][0]["allocation"]
     blocks = {d: set(p["blocks"]) for d, p in plan["devices"].items()}
     # every block to exactly one device; the faster board takes the deeper blocks (further from the output)
-    assert sorted(b for bs in blocks.values() for b in bs) == sorted({t.block for t in full.trainable if t.block is not None})
+    trained = sorted({t.block for t in full.trainable if t.block is not None})
+    assert sorted(b for bs in blocks.values() for b in bs) == trained
     assert max(blocks["dev2"]) < min(blocks["dev1"])
     assert plan["round_latency_s"] > 0 and plan["measured_latency_s"] > 0
     # each device trained (and uploaded) only its own blocks' tensors, on its own variant bundle

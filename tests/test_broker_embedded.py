@@ -31,10 +31,12 @@ def test_round_trip_chunked_update_task_and_retained_global(embedded_broker, mqt
     to_all = dev2.subscribe(t.device_inbox("dev2")[1])
     g = to_all.get(timeout=5)
     assert g.retained and g.envelope.body == b"G" * 5000
-    edge.publish(t.task_for("dev2", 1), Envelope.json_message("task", {"epochs": 1}, sender="edge", fleet=FLEET, round=1))
+    edge.publish(t.task_for("dev2", 1), Envelope.json_message("task", {"epochs": 1}, sender="edge", fleet=FLEET,
+                                                              round=1))
     assert inbox.get(timeout=5).envelope.json() == {"epochs": 1}
     body = bytes(range(256)) * 800  # 200 KB, chunked at 64 KiB
-    assert dev2.publish(t.update("dev2", 1), Envelope.build("update", sender="dev2", fleet=FLEET, round=1, body=body)) > 1
+    assert dev2.publish(t.update("dev2", 1), Envelope.build("update", sender="dev2", fleet=FLEET, round=1,
+                                                            body=body)) > 1
     got = updates.get(timeout=10)
     assert got.envelope.body == body and got.info.device == "dev2"
 

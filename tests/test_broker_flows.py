@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 from device_runtime.protocol.chunking import split
 from device_runtime.protocol.envelope import Envelope
 from device_runtime.protocol.messages import BundleRequest, Status, parse_body, to_envelope
-from tests._broker import FLEET
+from tests._broker import FLEET, wait_until
 
 pytestmark = pytest.mark.mosquitto
 
@@ -35,9 +37,7 @@ def test_bundle_download_resumes_after_a_device_restart(mosquitto_broker, mqtt_c
     inbox_all = dev.subscribe(t.bundle_all(bid))
     for c in chunks[::2]:  # the device gets only half before it goes away
         edge.publish(t.bundle_all(bid), c, chunk=False)
-    deadline = time.monotonic() + 10
-    while (dev.reassembler.progress(bid) or (0, 0))[0] < len(chunks[::2]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: (dev.reassembler.progress(bid) or (0, 0))[0] >= len(chunks[::2]), 10, "half the chunks arriving")
     assert inbox_all.empty()
     dev.close()
 
@@ -45,7 +45,8 @@ def test_bundle_download_resumes_after_a_device_restart(mosquitto_broker, mqtt_c
     missing = dev2.reassembler.missing(bid)
     assert missing == list(range(1, len(chunks), 2))
     inbox = dev2.subscribe(t.device_inbox("dev1")[0])
-    dev2.publish(t.bundle_request("dev1"), to_envelope(BundleRequest(bundle=bid, missing=missing), sender="dev1", fleet=FLEET))
+    dev2.publish(t.bundle_request("dev1"), to_envelope(BundleRequest(bundle=bid, missing=missing), sender="dev1",
+                                                       fleet=FLEET))
     req = parse_body(requests.get(timeout=5).envelope, BundleRequest)
     for i in req.missing:  # the edge resends exactly what is missing, addressed to that device
         edge.publish(t.bundle_to("dev1", bid), chunks[i], chunk=False)
@@ -76,7 +77,8 @@ def test_a_killed_device_publishes_its_last_will(mosquitto_broker, mqtt_client):
     b = mosquitto_broker.broker
     edge = mqtt_client(mosquitto_broker, "edge")
     statuses = edge.subscribe(t.status("dev2"))
-    proc = subprocess.Popen([sys.executable, "-c", _DEVICE, b.host, str(b.port), mosquitto_broker.passwords["dev2"], FLEET],
+    proc = subprocess.Popen([sys.executable, "-c", _DEVICE, b.host, str(b.port), mosquitto_broker.passwords["dev2"],
+                             FLEET],
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         assert proc.stdout.readline().strip() == "up"
@@ -115,13 +117,17 @@ def test_embedded_broker_restart_client_reconnects(tmp_path, mqtt_client):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             b.restart()
-        deadline = time.monotonic() + 15
-        while min(edge.stats.connects, dev.stats.connects) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: min(edge.stats.connects, dev.stats.connects) >= 2, 15, "both clients reconnecting")
         assert edge.connected and dev.connected
-        time.sleep(0.3)  # the edge's re-subscription (no persistence on amqtt) reaches the broker
-        dev.publish(t.update("dev1", 1), Envelope.build("update", sender="dev1", fleet=FLEET, round=1, body=b"x"), timeout=15)
-        assert q.get(timeout=10).envelope.body == b"x"
+        # the edge re-subscribes on reconnect (amqtt keeps no sessions): resend until that subscription is live
+        got = None
+        deadline = time.monotonic() + 15
+        while got is None and time.monotonic() < deadline:
+            dev.publish(t.update("dev1", 1), Envelope.build("update", sender="dev1", fleet=FLEET, round=1, body=b"x"),
+                        timeout=15)
+            with contextlib.suppress(queue.Empty):
+                got = q.get(timeout=0.5)
+        assert got is not None and got.envelope.body == b"x"
         assert edge.stats.connects == 2
     finally:
         b.stop()

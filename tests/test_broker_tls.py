@@ -54,6 +54,7 @@ def test_client_certificate_is_the_identity_and_the_acl_applies(fresh_mosquitto,
             dev1.publish(t.hello("dev2"), Envelope.json_message("hello", {}, sender="dev1", fleet=FLEET))
     finally:
         dev1.close()
-    no_cert = DeftClient.from_url(f"mqtts://127.0.0.1:{port}", client_id="x", tls=TLSOptions(ca_file=str(pki / "ca.crt")))
+    no_cert = DeftClient.from_url(f"mqtts://127.0.0.1:{port}", client_id="x",
+                                  tls=TLSOptions(ca_file=str(pki / "ca.crt")))
     with pytest.raises(ConnectError):
         no_cert.connect(timeout=3)

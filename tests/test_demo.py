@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import psutil
@@ -100,7 +101,7 @@ def test_demo_reaches_80_percent_within_10_minutes_and_shows_the_documented_topi
     acc = summary["accuracy"]
     assert len(acc) == 3
     assert summary["final_accuracy"] == acc[-1] >= 0.80
-    assert acc[-1] > acc[0] and all(b >= a - 0.005 for a, b in zip(acc, acc[1:])), acc
+    assert acc[-1] > acc[0] and all(b >= a - 0.005 for a, b in pairwise(acc)), acc
     assert summary["wall_s"] <= 600
     assert summary["broker"] == "mosquitto"
     assert 0 < summary["bytes_up"] < summary["bytes_down"]

@@ -24,7 +24,8 @@ DEFT = [sys.executable, "-c", "from deftkit.cli import main; main()"]
 
 def deft(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([*DEFT, *map(str, args)], check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*DEFT, *map(str, args)], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout,
                           env=env)
 
 
@@ -233,3 +234,16 @@ def test_predict_prompt_ensemble_from_the_cli(tiny_prompt_bundle, tmp_path):
     ens = np.array([p["probs"] for p in rep["predictions"]])
     np.testing.assert_allclose(ens, 0.25 * singles[0] + 0.75 * singles[1], atol=1e-5)
     _one_line_error(deft(*args, "--member", files[0], "--weight", "1", "--weight", "2"), "--weight")
+
+
+@pytest.mark.parametrize("option, bad", [("--encoding", "int4"), ("--schedule", "step"), ("--long-rows", "wrap"),
+                                         ("--backend", "tflite")])
+def test_a_choice_outside_its_list_is_refused_with_the_list(tmp_path, option, bad):
+    """typer checks the choices (from their one definition) before anything runs: exit 2, the allowed values."""
+    from typer.testing import CliRunner
+
+    from device_runtime.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--bundle", str(tmp_path), "--data", str(tmp_path / "x.tsv"), option, bad])
+    assert r.exit_code == 2
+    assert f"'{bad}' is not one of" in r.output and "Traceback" not in r.output

@@ -48,7 +48,8 @@ r = train(b, ds, TrainConfig(steps=2, batch_size=8, progress=False))
 print(json.dumps({{"loaded": sorted({{m.split('.')[0] for m in sys.modules}}), "steps": r.report["steps"],
                   "backend": type(r.backend).__name__}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["steps"] == 2 and info["backend"] == "StepBackend"
@@ -59,7 +60,8 @@ print(json.dumps({{"loaded": sorted({{m.split('.')[0] for m in sys.modules}}), "
 def test_deft_device_cli_never_imports_torch():
     code = ("import sys\nfrom deftkit.cli import main\ntry:\n    main(['device', 'train', '--help'])\n"
             "except SystemExit:\n    pass\nprint(sorted({m.split('.')[0] for m in sys.modules}))")
-    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr
     loaded = out.stdout.strip().splitlines()[-1]
     assert "--bundle" in out.stdout
@@ -147,7 +149,7 @@ def test_data_bad_inputs(tiny_bert_bundle, tmp_path):
 def test_batch_order_is_seeded_and_resumable():
     a = [batch_indices(100, 16, seed=3, step=s) for s in range(14)]
     b = [batch_indices(100, 16, seed=3, step=s) for s in range(14)]
-    assert all((x == y).all() for x, y in zip(a, b))
+    assert all((x == y).all() for x, y in zip(a, b, strict=False))
     epoch0 = np.concatenate(a[:7])
     assert sorted(epoch0.tolist()) == list(range(100))  # one epoch covers every row once
     assert not (epoch_permutation(100, 3, 0) == epoch_permutation(100, 3, 1)).all()

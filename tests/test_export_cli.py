@@ -121,7 +121,7 @@ def test_inspect_json(tiny_bert_bundle):
 )
 def test_bad_input_one_line_error(args, message, tiny_model_dir, tmp_path):
     base = {"--model": str(tiny_model_dir("bert")), "--num-labels": "2", "--out": str(tmp_path / "b")}
-    for k, v in zip(args[::2], args[1::2]):
+    for k, v in zip(args[::2], args[1::2], strict=False):
         base[k] = v
     argv = ["export"] + [x for kv in base.items() for x in kv]
     code, out, err = deft(*argv)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from device_runtime.bundle.manifest import Manifest
 from export.plugin import load_full_model, plug_in, save_adapter, to_full_names

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from deftkit import __version__
 from tests._fleet import Fleet, fedavg_from_store, running_fleet, store_globals, store_updates, write_shard
 
 pytestmark = pytest.mark.mosquitto
@@ -187,7 +188,8 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
         c = clients[d] = mqtt_client(fleet.but, d)
         acks[d] = c.subscribe(t.ack_to(d))
         if d != "dev5":  # retained, like the agent's: the coordinator sees it whenever it starts
-            c.publish(t.hello(d), to_envelope(Hello(kit_version="0.1.0"), sender=d, fleet=fleet.but.fleet), retain=True)
+            c.publish(t.hello(d), to_envelope(Hello(kit_version=__version__), sender=d, fleet=fleet.but.fleet),
+                      retain=True)
     edge = fleet.coordinator(devices=["dev1", "dev2", "dev3", "dev5"], rounds=1, min_devices=3, deadline=120, steps=200,
                              extra=["--max-update-bytes", "200000"])
     devs = {d: fleet.device(d, p, max_rounds=1) for d, p in data.items()}
@@ -278,7 +280,7 @@ def test_bad_updates_are_refused_with_reasons_and_the_round_completes(fleet, tmp
     a = ack_for("dev5", send("dev5", _payload(bundle.hash, "dev5", 1, small)))
     assert not a.accepted and a.reason.startswith("unknown_device:") and "dev5" in a.reason
     # ... which says hello now, after the round was opened without it: registered, but not selected
-    clients["dev5"].publish(t.hello("dev5"), to_envelope(Hello(kit_version="0.1.0"), sender="dev5",
+    clients["dev5"].publish(t.hello("dev5"), to_envelope(Hello(kit_version=__version__), sender="dev5",
                                                          fleet=fleet.but.fleet))
     fleet.wait_until(lambda: fleet.query("SELECT 1 FROM devices WHERE id='dev5'"), 15, "dev5's hello registered")
     a = ack_for("dev5", send("dev5", _payload(bundle.hash, "dev5", 1, small)))

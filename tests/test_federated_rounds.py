@@ -67,7 +67,7 @@ def test_two_rounds_three_devices_fedavg_plugin_and_report(fleet, tmp_path):
         # and training moved it (a FedAvg of zero deltas would also "match")
         assert max(float(np.abs(globals_[r][k] - globals_[r - 1][k]).max()) for k in globals_[r]) > 1e-4
     # the weights really are by samples (240 of 384 for dev2), not uniform
-    w = dict(zip(rep["rounds"][0]["devices"], rep["rounds"][0]["weights"]))
+    w = dict(zip(rep["rounds"][0]["devices"], rep["rounds"][0]["weights"], strict=True))
     assert w["dev2"] == pytest.approx(240 / 384, abs=1e-4)
 
     # round 1 sent the bundle down to each device over MQTT; round 2 did not send it again
@@ -93,7 +93,8 @@ def test_two_rounds_three_devices_fedavg_plugin_and_report(fleet, tmp_path):
 
     assert out["adapter_dir"] and (fleet.edge_dir / "report" / "adapter" / "adapter_config.json").is_file()
     src = bundle.manifest.source_model
-    stock = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(src), out["adapter_dir"]).eval()
+    stock = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(src),
+                                      out["adapter_dir"]).eval()
     kit = plug_in(load_full_model(bundle.manifest), bundle.manifest, globals_[2])
     ids = torch.randint(1000, 5000, (4, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

@@ -92,7 +92,7 @@ def test_adjusted_entries_are_exactly_the_ironed_ones(profiled: tuple[Path, dict
     table = CostTable.model_validate(report["table"])
     assert measured.monotone() == table
     listed = {(a["depth"], a["field"]): a for a in report["adjusted"]}
-    for raw, fixed in zip(measured.entries, table.entries):
+    for raw, fixed in zip(measured.entries, table.entries, strict=True):
         for field in ("step_latency_s", "peak_memory_bytes"):
             a, b = getattr(raw, field), getattr(fixed, field)
             if (raw.depth, field) in listed:
@@ -110,7 +110,7 @@ def test_profile_then_scale_to_a_pi(profiled: tuple[Path, dict], tmp_path: Path)
     pred = CostTable.model_validate(json.loads(r.stdout.strip().splitlines()[-1]))
     src = CostTable.load(out)
     assert pred.profile == "rpi4-4gb" and pred.predicted_from == "laptop-x86"
-    assert all(p.step_latency_s > 2 * s.step_latency_s for p, s in zip(pred.entries, src.entries))
+    assert all(p.step_latency_s > 2 * s.step_latency_s for p, s in zip(pred.entries, src.entries, strict=True))
 
 
 def test_not_a_bundle_is_a_one_line_error(tmp_path: Path) -> None:

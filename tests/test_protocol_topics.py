@@ -1,9 +1,10 @@
 """The topic tree: every builder parses back to what built it; ids cannot widen ACLs."""
 
 import pytest
+from paho.mqtt.client import topic_matches_sub as topic_matches
 
 from device_runtime.protocol.errors import TopicError
-from device_runtime.protocol.topics import Topics, acl_patterns, parse_topic, topic_matches
+from device_runtime.protocol.topics import Topics, acl_patterns, parse_topic
 
 T = Topics("lab")
 

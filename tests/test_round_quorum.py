@@ -4,6 +4,7 @@ update is refused for the closed round and never counted. Real Mosquitto, real O
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -48,9 +49,9 @@ def test_quorum_closes_the_round_without_the_straggler(fresh_mosquitto, tiny_ber
         assert r1["accepted"] == 2 and sorted(r1["devices"]) == ["dev1", "dev2"] and r1["missing"] == ["dev3"]
         assert coord.store.count_updates(1) == 2
         # the straggler finishes later: its update is refused (the round is closed) and not counted
-        coord._round = None
-        deadline = __import__("time").monotonic() + 120
-        while not coord.store.updates(1, accepted=False) and __import__("time").monotonic() < deadline:
+        assert coord.inbox.open is None  # the round is closed
+        deadline = time.monotonic() + 120
+        while not coord.store.updates(1, accepted=False) and time.monotonic() < deadline:
             coord.pump(0.5)
         late = coord.store.updates(1, accepted=False, with_payload=False)
         assert [(u.device, u.reason) for u in late] == [("dev3", "wrong_round")]

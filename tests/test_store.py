@@ -145,7 +145,8 @@ def test_a_batch_gets_each_item_the_result_it_would_get_alone_in_one_commit(tmp_
         assert s.add_updates(batch) == ["stored", "duplicate_key", "device_already_counted", "stored", "stored"]
         assert {u.device: u.samples for u in s.updates(1)} == {"d1": 10, "d2": 5}
         assert [u.reason for u in s.updates(1, accepted=False)] == ["wrong_shape"]
-        assert s.add_updates([NewUpdate(key="k4", round=1, device="d2", samples=5, payload=b"four")]) == ["duplicate_key"]
+        assert s.add_updates([NewUpdate(key="k4", round=1, device="d2", samples=5,
+                                        payload=b"four")]) == ["duplicate_key"]
         assert s.count_updates(1) == 2
 
 

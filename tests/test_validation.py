@@ -83,7 +83,8 @@ def test_real_payloads_decode_and_validate():
                          base=_tensors(1))
     ok, rej = validate_payload(_rules(), blob, sender="dev1", round=3)
     assert rej is None and ok.samples == 64 and ok.is_delta
-    np.testing.assert_allclose(ok.tensors["classifier.weight"], _tensors()["classifier.weight"] - _tensors(1)["classifier.weight"],
+    np.testing.assert_allclose(ok.tensors["classifier.weight"],
+                               _tensors()["classifier.weight"] - _tensors(1)["classifier.weight"],
                                atol=0.05)
 
 

@@ -67,7 +67,7 @@ class BundleCache:
         return bundle if bundle.hash == bundle_hash else None
 
     def add_dir(self, bundle_dir: str | Path) -> Bundle:
-        """Register a bundle that is already on disk (copied in, e.g. provisioned by `deft hw flash`)."""
+        """Register a bundle that is already on disk (copied in by hand, or shipped with the device image)."""
         bundle = load_bundle(bundle_dir)
         dest = self.path(bundle.hash)
         if not dest.is_dir():

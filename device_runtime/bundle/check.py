@@ -22,10 +22,7 @@ def _dummy_batch(m: Manifest, batch: int = 2, seq: int = 8):
     ids = np.full((batch, seq), 5, dtype=np.int64)
     ids[:, 0] = 101 % 1000
     mask = np.ones((batch, seq), dtype=np.int64)
-    if m.task == "seq-cls":
-        labels = np.arange(batch, dtype=np.int64) % max(1, len(m.labels))
-    else:
-        labels = ids.copy()
+    labels = np.arange(batch, dtype=np.int64) % max(1, len(m.labels)) if m.task == "seq-cls" else ids.copy()
     return ids, mask, labels
 
 

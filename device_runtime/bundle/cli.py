@@ -11,7 +11,7 @@ from rich.table import Table
 
 from device_runtime.bundle.check import check_bundle
 from device_runtime.bundle.verify import read_manifest
-from device_runtime.errors import DeviceError
+from device_runtime.errors import DeftError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Inspect and verify device bundles.")
 
@@ -58,7 +58,7 @@ def inspect_command(
     """Human summary: model, layers kept, trainable parameters per block, file sizes."""
     try:
         s = summary(bundle)
-    except DeviceError as exc:
+    except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if as_json:

@@ -95,7 +95,7 @@ class EmulatorSpec(_Strict):
     distillation: DistillSpec | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "EmulatorSpec":
+    def _check(self) -> EmulatorSpec:
         if not self.layer_map:
             raise ValueError("emulator keeps no blocks")
         if any(not 0 <= i < self.num_layers_full for i in self.layer_map):
@@ -192,7 +192,7 @@ class Manifest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _format_parts(self) -> "Manifest":
+    def _format_parts(self) -> Manifest:
         if self.format == "step" and self.step is None:
             raise ValueError("a step-graph bundle needs its step section")
         return self
@@ -221,7 +221,7 @@ class Manifest(_Strict):
         return h.hexdigest()
 
     @classmethod
-    def load(cls, bundle_dir: str | Path) -> "Manifest":
+    def load(cls, bundle_dir: str | Path) -> Manifest:
         path = Path(bundle_dir) / MANIFEST_NAME
         return cls.model_validate(json.loads(path.read_text()))
 

@@ -13,13 +13,11 @@ from pydantic import ValidationError
 
 from device_runtime.bundle.files import file_problems
 from device_runtime.bundle.manifest import MANIFEST_NAME, Manifest
-from device_runtime.errors import BundleError
+from device_runtime.errors import BundleError, first_error
 
 
 def _first_validation_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
-    return f"{loc}: {err.get('msg', 'invalid')}"
+    return "{}: {}".format(*first_error(exc, "(root)"))
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:

@@ -31,6 +31,7 @@ from device_runtime.protocol.messages import (
     to_envelope,
 )
 from device_runtime.protocol.topics import (
+    DEFAULT_FLEET,
     PROTOCOL_VERSION,
     TopicInfo,
     Topics,
@@ -41,6 +42,7 @@ from device_runtime.protocol.topics import (
 from device_runtime.protocol.url import BrokerURL, parse_broker_url
 
 __all__ = [
+    "DEFAULT_FLEET",
     "PROTOCOL_VERSION",
     "Ack",
     "AuthRefused",

@@ -11,13 +11,13 @@ device asks the edge to resend.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device_runtime.atomic import atomic_write_bytes
 from device_runtime.protocol.envelope import PREFIX_BYTES, ChunkInfo, Envelope, Header, sha256_hex
 from device_runtime.protocol.errors import EnvelopeError, HashMismatch, PayloadTooLarge
 
@@ -55,7 +55,8 @@ def split(message: Envelope, max_payload: int, transfer: str | None = None) -> l
     tid = transfer or message.header.key
     count = 1
     for _ in range(8):  # the header size depends on the digits of count; converges in 1-2 steps
-        probe = ChunkInfo(transfer=tid, index=max(count - 1, 0), count=count, total_length=len(body), total_sha256=total_sha)
+        probe = ChunkInfo(transfer=tid, index=max(count - 1, 0), count=count, total_length=len(body),
+                          total_sha256=total_sha)
         head_len = len(_chunk_header(message.header, probe, b"").model_dump_json(exclude_none=True).encode())
         per_chunk = max_payload - PREFIX_BYTES - head_len - _HEADER_SLACK
         if per_chunk < 256:
@@ -115,7 +116,8 @@ class Reassembler:
         if info is None:
             return env
         if info.index >= info.count:
-            raise EnvelopeError(f"chunk index {info.index} out of range for a {info.count}-chunk transfer {info.transfer}")
+            raise EnvelopeError(f"chunk index {info.index} out of range for a {info.count}-chunk transfer "
+                                f"{info.transfer}")
         if info.total_length > self.max_transfer_bytes:
             raise PayloadTooLarge(
                 f"transfer {info.transfer} announces {info.total_length} bytes, over this receiver's "
@@ -127,7 +129,8 @@ class Reassembler:
             if t is not None:
                 old = t.header.chunk
                 assert old is not None
-                if (old.count, old.total_sha256, old.total_length) != (info.count, info.total_sha256, info.total_length):
+                if (old.count, old.total_sha256, old.total_length) != (info.count, info.total_sha256,
+                                                                       info.total_length):
                     # the sender restarted the transfer with different content: start over
                     self._drop(info.transfer)
                     t = None
@@ -186,13 +189,13 @@ class Reassembler:
             return
         d = self._dir(transfer)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / "header.json", header.model_dump_json().encode())
+        atomic_write_bytes(d / "header.json", header.model_dump_json().encode())
 
     def _store(self, transfer: str, t: _Transfer, index: int, body: bytes) -> None:
         if self.spool is None:
             t.parts[index] = body
         else:
-            _atomic_write(self._dir(transfer) / f"{index}.part", body)
+            atomic_write_bytes(self._dir(transfer) / f"{index}.part", body)
         t.have.add(index)
 
     def _load(self, transfer: str, t: _Transfer, index: int) -> bytes:
@@ -223,12 +226,3 @@ class Reassembler:
                 continue
             have = {int(p.stem) for p in d.glob("*.part") if p.stem.isdigit() and int(p.stem) < header.chunk.count}
             self._t[d.name] = _Transfer(header=header, have=have)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -11,6 +11,7 @@ queues, keeping paho's network thread free of application code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -36,7 +37,7 @@ from device_runtime.protocol.errors import (
     PublishTimeout,
     SubscribeRefused,
 )
-from device_runtime.protocol.topics import TopicInfo, parse_topic, topic_matches
+from device_runtime.protocol.topics import TopicInfo, parse_topic
 from device_runtime.protocol.url import parse_broker_url
 
 log = logging.getLogger("deft.mqtt")
@@ -315,10 +316,8 @@ class DeftClient:
         if c is None:
             return
         self._stopping = True
-        try:
+        with contextlib.suppress(Exception):  # best effort on the way out
             c.disconnect()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
         c.loop_stop()
         self._paho = None
         self._connected.clear()
@@ -341,9 +340,6 @@ class DeftClient:
     def reassembler(self) -> Reassembler:
         """Incomplete transfers: ``client.reassembler.missing(bundle_hash)`` is what a bundle request asks for."""
         return self._reassembler
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
 
     def socket(self) -> socket.socket | None:
         c = self._paho
@@ -385,7 +381,8 @@ class DeftClient:
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: ReasonCode, props: object) -> None:
         self._pub.done(mid, rc)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, rcs: list[ReasonCode], props: object) -> None:
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, rcs: list[ReasonCode],
+                      props: object) -> None:
         self._suback.done(mid, rcs)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -410,7 +407,7 @@ class DeftClient:
         item = Received(topic, env, bool(msg.retain), info)
         with self._subs_lock:
             for s in self._subs:
-                if topic_matches(s.filter, topic):
+                if mqtt.topic_matches_sub(s.filter, topic):
                     s.queue.put(item)
                     return
         self.inbox.put(item)

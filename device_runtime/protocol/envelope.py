@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from device_runtime.errors import first_error
 from device_runtime.protocol.errors import EnvelopeError, HashMismatch, TruncatedEnvelope, UnsupportedVersion
 from device_runtime.protocol.topics import PROTOCOL_VERSION, check_id
 
@@ -119,13 +120,15 @@ class Envelope:
 
     def json(self) -> Any:
         if self.header.content != "json":
-            raise EnvelopeError(f"{self.header.type} message from {self.header.sender} has a {self.header.content} body, not JSON")
+            raise EnvelopeError(f"{self.header.type} message from {self.header.sender} has a {self.header.content} "
+                                "body, not JSON")
         return json.loads(self.body)
 
     def encode(self) -> bytes:
         head = self.header.model_dump_json(exclude_none=True).encode()
         if len(head) > MAX_HEADER_BYTES:
-            raise EnvelopeError(f"envelope header is {len(head)} bytes (limit {MAX_HEADER_BYTES}): put large data in the body")
+            raise EnvelopeError(f"envelope header is {len(head)} bytes (limit {MAX_HEADER_BYTES}): put large data in "
+                                "the body")
         return _PREFIX.pack(MAGIC, len(head)) + head + self.body
 
     @property
@@ -137,10 +140,12 @@ class Envelope:
         """Parse and verify. Raises a :class:`EnvelopeError` subclass naming what is wrong."""
         data = bytes(data)
         if len(data) < PREFIX_BYTES:
-            raise TruncatedEnvelope(f"message is {len(data)} bytes, shorter than the {PREFIX_BYTES}-byte envelope prefix")
+            raise TruncatedEnvelope(f"message is {len(data)} bytes, shorter than the {PREFIX_BYTES}-byte envelope "
+                                    "prefix")
         magic, hlen = _PREFIX.unpack_from(data)
         if magic != MAGIC:
-            raise EnvelopeError(f"not a deft envelope (starts with {magic!r}, expected {MAGIC!r}): wrong topic or a foreign publisher")
+            raise EnvelopeError(f"not a deft envelope (starts with {magic!r}, expected {MAGIC!r}): wrong topic or a "
+                                "foreign publisher")
         if hlen > MAX_HEADER_BYTES:
             raise EnvelopeError(f"envelope header length {hlen} exceeds {MAX_HEADER_BYTES} bytes: corrupt message")
         if len(data) < PREFIX_BYTES + hlen:
@@ -162,9 +167,8 @@ class Envelope:
         try:
             header = Header.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "header"
-            raise EnvelopeError(f"invalid envelope header field {where!r}: {first['msg']}") from None
+            where, msg = first_error(exc, "header")
+            raise EnvelopeError(f"invalid envelope header field {where!r}: {msg}") from None
         body = data[PREFIX_BYTES + hlen :]
         if len(body) < header.length:
             raise TruncatedEnvelope(
@@ -172,7 +176,8 @@ class Envelope:
             )
         if len(body) > header.length:
             raise EnvelopeError(
-                f"{header.type} message from {header.sender} has {len(body) - header.length} bytes after its body: corrupt message"
+                f"{header.type} message from {header.sender} has {len(body) - header.length} bytes after its body: "
+                "corrupt message"
             )
         if sha256_hex(body) != header.sha256:
             raise HashMismatch(

@@ -5,8 +5,10 @@ The device and the edge both catch :class:`ProtocolError`; a CLI prints ``error:
 
 from __future__ import annotations
 
+from device_runtime.errors import DeftError
 
-class ProtocolError(Exception):
+
+class ProtocolError(DeftError):
     """Base of every error the wire protocol raises."""
 
 

@@ -11,6 +11,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from device_runtime.errors import first_error
+from device_runtime.payload import Encoding
 from device_runtime.protocol.envelope import Envelope, MsgType
 from device_runtime.protocol.errors import EnvelopeError
 
@@ -48,7 +50,7 @@ class Task(_Body):
     global_round: int | None = None
     global_sha256: str | None = None
     hyperparams: dict[str, Any] = Field(default_factory=dict)
-    encoding: Literal["fp32", "fp16", "int8", "int8-row"] = "fp32"
+    encoding: Encoding = "fp32"
     delta: bool = True
     deadline_ts: float | None = None
     trainable_blocks: list[int] | None = None
@@ -88,6 +90,5 @@ def parse_body(env: Envelope, model: type[M]) -> M:
     try:
         return model.model_validate_json(env.body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(map(str, err["loc"])) or "body"
-        raise EnvelopeError(f"{expected} message from {env.header.sender}: field {where!r}: {err['msg']}") from None
+        where, msg = first_error(exc, "body")
+        raise EnvelopeError(f"{expected} message from {env.header.sender}: field {where!r}: {msg}") from None

@@ -34,6 +34,8 @@ from device_runtime.protocol.errors import TopicError
 PROTOCOL_VERSION = 1
 ROOT = "deft"
 VERSION_SEGMENT = f"v{PROTOCOL_VERSION}"
+#: the fleet every command and config uses unless told otherwise (the demo names its own, "demo")
+DEFAULT_FLEET = "default"
 
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # a bundle hash or transfer id: hex or an id
@@ -226,16 +228,3 @@ def parse_topic(topic: str) -> TopicInfo:
         else:
             token = _check_token(tail[0], "bundle id")
     return TopicInfo(fleet=fleet, direction=direction, kind=kind, device=device, round=round_, token=token)  # type: ignore[arg-type]
-
-
-def topic_matches(filter_: str, topic: str) -> bool:
-    """MQTT filter matching (``+`` one level, ``#`` the rest), for routing received messages."""
-    f_parts, t_parts = filter_.split("/"), topic.split("/")
-    for i, f in enumerate(f_parts):
-        if f == "#":
-            return True
-        if i >= len(t_parts):
-            return False
-        if f != "+" and f != t_parts[i]:
-            return False
-    return len(f_parts) == len(t_parts)

@@ -42,7 +42,8 @@ def parse_broker_url(url: str) -> BrokerURL:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise ConnectError(f"invalid broker URL {url!r} ({exc}): expected mqtt://host:port or mqtts://host:port") from None
+        raise ConnectError(f"invalid broker URL {url!r} ({exc}): expected mqtt://host:port or "
+                           "mqtts://host:port") from None
     if parts.scheme not in DEFAULT_PORTS:
         raise ConnectError(
             f"invalid broker URL {url!r}: scheme must be mqtt:// or mqtts:// (TLS), not {parts.scheme or 'missing'!r}"

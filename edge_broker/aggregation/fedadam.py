@@ -12,8 +12,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_broker.aggregation.base import AggregationError, Strategy, register
-from edge_broker.aggregation.fedavg import FedAvg
+from edge_broker.aggregation.aggregate import weighted_mean
+from edge_broker.aggregation.base import Strategy, register
+from edge_broker.aggregation.types import AggregationError
 
 
 @register
@@ -24,14 +25,15 @@ class FedAdam(Strategy):
                  clip_norm: float | None = None) -> None:
         super().__init__(clip_norm)
         if not lr > 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or not tau > 0:
-            raise AggregationError(f"FedAdam needs lr > 0, 0 <= beta1, beta2 < 1, tau > 0 (got {lr}, {beta1}, {beta2}, {tau})")
+            raise AggregationError(
+                f"FedAdam needs lr > 0, 0 <= beta1, beta2 < 1, tau > 0 (got {lr}, {beta1}, {beta2}, {tau})")
         self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
         self.step_count = 0
 
     def combine(self, deltas: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return FedAvg.combine(self, deltas, weights)  # type: ignore[arg-type]
+        return weighted_mean(deltas, weights)
 
     def apply(self, global_tensors: Mapping[str, np.ndarray], step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.step_count += 1

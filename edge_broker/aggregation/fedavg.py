@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_broker.aggregation.aggregate import weighted_mean
 from edge_broker.aggregation.base import Strategy, register
 
 
@@ -12,4 +13,4 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def combine(self, deltas: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: sum(w * d[k] for w, d in zip(weights, deltas)) for k in deltas[0]}
+        return weighted_mean(deltas, weights)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_broker.aggregation.aggregate import median
 from edge_broker.aggregation.base import Strategy, register
 
 
@@ -15,4 +16,4 @@ class Median(Strategy):
     name = "median"
 
     def combine(self, deltas: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: np.median(np.stack([d[k] for d in deltas]), axis=0) for k in deltas[0]}
+        return median(deltas)

@@ -7,9 +7,10 @@ scaled or sign-flipped update cannot pull the result. Unweighted, like the media
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import trim_mean
 
-from edge_broker.aggregation.base import AggregationError, Strategy, register
+from edge_broker.aggregation.aggregate import trimmed_mean
+from edge_broker.aggregation.base import Strategy, register
+from edge_broker.aggregation.types import AggregationError
 
 
 @register
@@ -23,4 +24,4 @@ class TrimmedMean(Strategy):
         self.trim = trim
 
     def combine(self, deltas: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: np.asarray(trim_mean(np.stack([d[k] for d in deltas]), self.trim, axis=0)) for k in deltas[0]}
+        return trimmed_mean(deltas, self.trim)

@@ -6,15 +6,16 @@ failure prints a one-line ``error: ...`` on stderr.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
 
-from edge_broker.allocation.instance import AllocationError, Infeasible
+from device_runtime.errors import DeftError
+from edge_broker.allocation.instance import Infeasible
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     crunch = "crunch"
     joint = "joint"
     greedy = "greedy"
@@ -53,7 +54,7 @@ def allocate_command(
     except Infeasible as exc:
         typer.echo(f"error: infeasible: {exc}", err=True)
         raise typer.Exit(1) from None
-    except AllocationError as exc:
+    except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if as_json:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from device_runtime.errors import DeftError
+
 LN2 = math.log(2.0)
 
 
-class AllocationError(Exception):
+class AllocationError(DeftError):
     """Base class of the allocator's errors; the CLI prints its message on one line."""
 
 
@@ -80,7 +83,7 @@ class Instance(_Strict):
         if depths != sorted(depths):
             raise ValueError("blocks must be listed by increasing depth (1 = next to the output)")
         for field in ("flops", "memory"):
-            for prev, cur in zip(self.blocks, self.blocks[1:]):
+            for prev, cur in pairwise(self.blocks):
                 if getattr(cur, field) < getattr(prev, field):
                     raise ValueError(
                         f"blocks[depth={cur.depth}].{field} = {getattr(cur, field):g} is below "
@@ -266,7 +269,7 @@ def make_allocation(
         busy = np.zeros(inst.n, dtype=bool)
         busy[np.asarray(block_to_device, dtype=np.int64)] = True
         bandwidth = np.where(busy, bandwidth, 0.0)
-    assignment = {b.depth: ids[int(k)] for b, k in zip(inst.blocks, block_to_device)}
+    assignment = {b.depth: ids[int(k)] for b, k in zip(inst.blocks, block_to_device, strict=True)}
     bw = {ids[i]: float(bandwidth[i]) for i in range(inst.n)}
     return Allocation(
         method=method, assignment=assignment, bandwidth=bw, latency=evaluate(inst, assignment, bw)

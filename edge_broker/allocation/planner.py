@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device_runtime.bundle.manifest import Manifest
+from device_runtime.errors import first_error
 from edge_broker.allocation import solve
 from edge_broker.allocation.instance import (
     Allocation,
@@ -207,10 +208,9 @@ def _instance_device(
     try:
         Device.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
+        loc, msg = first_error(exc)
         field = {"memory": "memory (after the OS reserve)"}.get(loc, loc)
-        raise PlanError(f"device {info.id}: {field}: {err['msg']} (got {data.get(loc)!r})") from None
+        raise PlanError(f"device {info.id}: {field}: {msg} (got {data.get(loc)!r})") from None
     return data, board, backend
 
 
@@ -306,7 +306,7 @@ def _prefer_fast_deep(inst: Instance, alloc: Allocation) -> Allocation:
                 trial[j1], trial[j2] = k2, k1
                 if max(dev_latency(k1, trial), dev_latency(k2, trial)) <= level:
                     match, changed = trial, True
-    assignment = {b.depth: ids[int(k)] for b, k in zip(inst.blocks, match)}
+    assignment = {b.depth: ids[int(k)] for b, k in zip(inst.blocks, match, strict=True)}
     return alloc.model_copy(
         update={"assignment": assignment, "latency": evaluate(inst, assignment, alloc.bandwidth)}
     )

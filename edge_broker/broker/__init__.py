@@ -7,8 +7,9 @@ client_options) so the coordinator and tests do not care which runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
+from device_runtime.protocol.topics import DEFAULT_FLEET
 from edge_broker.broker.base import (
     Account,
     Broker,
@@ -43,9 +44,9 @@ def start_broker(
         find_mosquitto,
     )
 
-    if kind not in ("auto", "mosquitto", "embedded"):
-        raise BrokerError(f"unknown broker kind {kind!r}: use auto, mosquitto or embedded")
-    fleets = fleets or ["default"]
+    if kind not in get_args(Kind):
+        raise BrokerError(f"unknown broker kind {kind!r}: use {', '.join(get_args(Kind))}")
+    fleets = fleets or [DEFAULT_FLEET]
     if port == 0:
         port = free_port(host)  # 0: any free port (Mosquitto would read "listener 0" as a unix socket)
     if not 0 < port < 65536:

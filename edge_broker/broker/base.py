@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import secrets
 import signal
 import socket
@@ -12,12 +12,14 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from device_runtime.atomic import atomic_write_text
+from device_runtime.errors import DeftError
 from device_runtime.protocol.topics import check_id
 
 
-class BrokerError(Exception):
+class BrokerError(DeftError):
     """A broker could not be configured, started or reached. The CLI prints ``error: <message>``, exit 2."""
 
 
@@ -38,7 +40,8 @@ class Account:
             raise BrokerError(f"password of {self.username!r} is empty or contains ':' or a newline: choose another")
 
 
-def make_accounts(devices: list[str], edge_user: str = "edge", passwords: dict[str, str] | None = None) -> list[Account]:
+def make_accounts(devices: list[str], edge_user: str = "edge", passwords: dict[str,
+                                                                               str] | None = None) -> list[Account]:
     """An edge account and one account per device, with random passwords unless given."""
     passwords = passwords or {}
     names = [edge_user, *devices]
@@ -54,12 +57,7 @@ def save_accounts(path: str | Path, accounts: list[Account]) -> Path:
     """Write the accounts (with passwords) readable by the owner only: this is how devices are provisioned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"accounts": [asdict(a) for a in accounts]}, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps({"accounts": [asdict(a) for a in accounts]}, indent=2), mode=0o600)
 
 
 def load_accounts(path: str | Path) -> list[Account]:
@@ -69,7 +67,8 @@ def load_accounts(path: str | Path) -> list[Account]:
     except FileNotFoundError:
         raise BrokerError(f"accounts file {path} not found: create it with `deft edge broker --devices ...`") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise BrokerError(f"accounts file {path} is malformed ({exc}): expected {{\"accounts\": [{{username, password, role}}]}}") from None
+        raise BrokerError(f"accounts file {path} is malformed ({exc}): expected "
+                          f"{{\"accounts\": [{{username, password, role}}]}}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -107,10 +106,8 @@ def end_process(p: subprocess.Popen | None, timeout: float = 10.0, *, graceful: 
     if p.poll() is None:
         if graceful:
             p.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         if p.poll() is None:
             p.kill()
             p.wait(5)
@@ -152,3 +149,69 @@ class Broker(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ProcessBroker(Broker):
+    """A broker the kit runs as a child process from files it writes (Mosquitto, embedded amqtt):
+    start / stop / kill / restart are the same for both; subclasses say how to write the files,
+    spawn the process and explain a failed start."""
+
+    #: how messages name the broker ("mosquitto", "the embedded broker")
+    label: str = "the broker"
+    #: seconds ``start`` waits for the port by default
+    start_timeout: float = 10.0
+    conf_path: Path
+    log_path: Path
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @abstractmethod
+    def write_files(self) -> Path:
+        """Write the broker's config (accounts, ACL); return the config path."""
+
+    @abstractmethod
+    def _spawn(self) -> Any:
+        """Start the process (``self._proc``); return what :meth:`_start_failure` needs."""
+
+    @abstractmethod
+    def _start_failure(self, ctx: Any) -> str:
+        """Why the process did not come up (its log or stderr), for the error message."""
+
+    def start(self, timeout: float | None = None) -> ProcessBroker:
+        """Start the process (writing the files first if needed); return once it accepts connections."""
+        if self.is_running():
+            return self
+        if not self.conf_path.exists():
+            self.write_files()
+        if port_open(self.host, self.port):
+            raise BrokerError(
+                f"{self.label} did not start on {self.host}:{self.port}: the port is already in use "
+                "(another broker?); pick another with --port, or 0 for any free port"
+            )
+        ctx = self._spawn()
+        if not wait_port(self.host, self.port, self.start_timeout if timeout is None else timeout,
+                         alive=self.is_running):
+            why = self._start_failure(ctx)
+            self.kill()
+            raise BrokerError(f"{self.label} did not start on {self.host}:{self.port}{why}")
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a broker saves its persistence file), then SIGKILL if it hangs."""
+        end_process(self._proc, timeout)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for tests. Messages not yet saved are lost, as on a real crash."""
+        end_process(self._proc, graceful=False)
+        self._proc = None
+
+    def restart(self, timeout: float | None = None) -> None:
+        self.stop()
+        self.start(timeout)
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None

@@ -6,22 +6,27 @@ import json
 import signal
 import threading
 from pathlib import Path
+from typing import get_args
 
 import typer
 
-from device_runtime.protocol.errors import ProtocolError
-from device_runtime.protocol.topics import Topics, check_id
+from device_runtime.choices import choices
+from device_runtime.errors import DeftError
+from device_runtime.protocol.topics import DEFAULT_FLEET, Topics, check_id
+from edge_broker.broker import Kind
+
+BrokerKind = choices("BrokerKind", get_args(Kind))
 
 
 def broker_command(
-    kind: str = typer.Option("auto", help="auto (Mosquitto if installed, else embedded), mosquitto or embedded."),
+    kind: BrokerKind = typer.Option("auto", help="auto: Mosquitto if installed, else embedded."),
     devices: str = typer.Option("", help="Comma-separated device ids to create accounts for (random passwords)."),
     workdir: Path = typer.Option(Path("edge-broker"), help="Where config, password file, ACL, logs and data go."),
     accounts_file: Path = typer.Option(None, "--accounts", help="Accounts JSON (default WORKDIR/accounts.json); "
                                        "existing accounts are kept, new devices added."),
     host: str = typer.Option("127.0.0.1", help="Listen address (loopback unless you mean it)."),
     port: int = typer.Option(1883, help="Plain MQTT port."),
-    fleet: str = typer.Option("default", help="Fleet name (the topic tree is deft/v1/<fleet>/...)."),
+    fleet: str = typer.Option(DEFAULT_FLEET, help="Fleet name (the topic tree is deft/v1/<fleet>/...)."),
     max_packet_size: int = typer.Option(8 * 1024 * 1024, help="Largest MQTT packet; clients chunk above it."),
     tls_cert: Path = typer.Option(None, help="Server certificate (PEM) for an mqtts:// listener (Mosquitto)."),
     tls_key: Path = typer.Option(None, help="Server key (PEM)."),
@@ -53,14 +58,15 @@ def broker_command(
 
             tls = TLSListener(port=tls_port, certfile=str(tls_cert.resolve()), keyfile=str(tls_key.resolve()),
                               cafile=str(tls_ca.resolve()) if tls_ca else None, require_client_cert=require_client_cert)
-        broker = start_broker(workdir, accounts, kind=kind, host=host, port=port, fleets=[fleet],  # type: ignore[arg-type]
+        broker = start_broker(workdir, accounts, kind=kind.value, host=host, port=port, fleets=[fleet],  # type: ignore[arg-type]
                               max_packet_size=max_packet_size, tls=tls)
-    except (BrokerError, ProtocolError) as exc:
+    except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
     edge = next(a for a in accounts if a.role == "edge")
-    watch = f"mosquitto_sub -h {broker.host} -p {broker.port} -u {edge.username} -P '<password>' -t '{Topics(fleet).everything()}' -v"
+    watch = (f"mosquitto_sub -h {broker.host} -p {broker.port} -u {edge.username} -P '<password>' "
+             f"-t '{Topics(fleet).everything()}' -v")
     summary = {"broker": broker.kind, "url": broker.url, "accounts": str(path), "fleet": fleet,
                "devices": [a.username for a in accounts if a.role == "device"], "watch": watch}
     if json_out:

@@ -20,8 +20,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from device_runtime.protocol.topics import ROOT, VERSION_SEGMENT, acl_patterns
-from edge_broker.broker.base import Account, Broker, BrokerError, end_process, port_open, wait_port
+from device_runtime.protocol.topics import DEFAULT_FLEET, ROOT, VERSION_SEGMENT, acl_patterns
+from edge_broker.broker.base import Account, BrokerError, ProcessBroker
 
 log = logging.getLogger("deft.broker")
 
@@ -70,8 +70,10 @@ def write_password_file(path: Path, accounts: list[Account]) -> None:
         f.writelines(f"{a.username}:{hasher.hash(a.password)}\n" for a in accounts)
 
 
-class EmbeddedBroker(Broker):
+class EmbeddedBroker(ProcessBroker):
     kind = "embedded"
+    label = "the embedded broker"
+    start_timeout = 20.0
     limits = LIMITS
 
     def __init__(self, workdir: str | Path, accounts: list[Account], *, host: str = "127.0.0.1", port: int = 1883,
@@ -79,7 +81,7 @@ class EmbeddedBroker(Broker):
         self.workdir = Path(workdir)
         self.accounts = accounts
         self.host, self.port = host, port
-        self.fleets = fleets or ["default"]
+        self.fleets = fleets or [DEFAULT_FLEET]
         self.max_packet_size = EMBEDDED_MAX_PACKET_SIZE
         self.conf_path = self.workdir / "amqtt.json"
         self.log_path = self.workdir / "amqtt.log"
@@ -96,48 +98,18 @@ class EmbeddedBroker(Broker):
         self.conf_path.write_text(json.dumps(cfg, indent=2))
         return self.conf_path
 
-    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
-        if self._proc is not None and self._proc.poll() is None:
-            return self
-        if not self.conf_path.exists():
-            self.write_files()
-        if port_open(self.host, self.port):
-            raise BrokerError(
-                f"the embedded broker did not start on {self.host}:{self.port}: the port is already in use "
-                "(another broker?); pick another with --port, or 0 for any free port"
-            )
-        warnings.warn(LIMITS, EmbeddedBrokerWarning, stacklevel=2)
+    def _spawn(self) -> None:
+        warnings.warn(LIMITS, EmbeddedBrokerWarning, stacklevel=3)
         log.warning(LIMITS)
-        logf = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_broker.broker.embedded", str(self.conf_path)],
-            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        logf.close()
-        if not wait_port(self.host, self.port, timeout, alive=lambda: self._proc is not None and self._proc.poll() is None):
-            self.kill()
-            tail = self.log_path.read_text(errors="replace")[-400:] if self.log_path.exists() else ""
-            raise BrokerError(f"the embedded broker did not start on {self.host}:{self.port}: {tail.strip() or 'no output'}")
-        return self
+        with open(self.log_path, "ab") as logf:  # the child keeps its own descriptor
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_broker.broker.embedded", str(self.conf_path)],
+                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            )
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    def stop(self, timeout: float = 10.0) -> None:
-        end_process(self._proc, timeout)
-        self._proc = None
-
-    def kill(self) -> None:
-        end_process(self._proc, graceful=False)
-        self._proc = None
-
-    def restart(self, timeout: float = 20.0) -> None:
-        self.stop()
-        self.start(timeout)
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def _start_failure(self, ctx: None) -> str:
+        tail = self.log_path.read_text(errors="replace")[-400:] if self.log_path.exists() else ""
+        return f": {tail.strip() or 'no output'}"
 
 
 def _serve(config_path: str) -> None:

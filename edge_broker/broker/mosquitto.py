@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from device_runtime.protocol.topics import ROOT, VERSION_SEGMENT, acl_patterns, check_id
-from edge_broker.broker.base import Account, Broker, BrokerError, end_process, port_open, wait_port
+from device_runtime.protocol.topics import DEFAULT_FLEET, ROOT, VERSION_SEGMENT, acl_patterns, check_id
+from edge_broker.broker.base import Account, BrokerError, ProcessBroker, wait_port
 
 DEFAULT_MAX_PACKET_SIZE = 8 * 1024 * 1024
 
@@ -54,7 +54,7 @@ class TLSListener:
 class MosquittoConfig:
     host: str = "127.0.0.1"
     port: int = 1883
-    fleets: list[str] = field(default_factory=lambda: ["default"])
+    fleets: list[str] = field(default_factory=lambda: [DEFAULT_FLEET])
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     #: per-client queue while offline / in flight; bounded so a dead device cannot eat the edge's memory
     max_queued_messages: int = 1000
@@ -108,7 +108,8 @@ def render_config(cfg: MosquittoConfig, workdir: Path) -> str:
         lines += ["", f"listener {cfg.port} {cfg.host}", "protocol mqtt"]
     if cfg.tls is not None:
         t = cfg.tls
-        lines += ["", f"listener {t.port} {cfg.host}", "protocol mqtt", f"certfile {t.certfile}", f"keyfile {t.keyfile}"]
+        lines += ["", f"listener {t.port} {cfg.host}", "protocol mqtt", f"certfile {t.certfile}",
+                  f"keyfile {t.keyfile}"]
         if t.cafile:
             lines.append(f"cafile {t.cafile}")
         if t.require_client_cert:
@@ -118,10 +119,11 @@ def render_config(cfg: MosquittoConfig, workdir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-class MosquittoBroker(Broker):
+class MosquittoBroker(ProcessBroker):
     """Run Mosquitto with a kit-written config in ``workdir``. ``start()`` returns once it accepts connections."""
 
     kind = "mosquitto"
+    label = "mosquitto"
 
     def __init__(self, workdir: str | Path, accounts: list[Account], config: MosquittoConfig | None = None,
                  binary: str | None = None) -> None:
@@ -161,30 +163,21 @@ class MosquittoBroker(Broker):
         return self.conf_path
 
     # ---- process --------------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> MosquittoBroker:
-        if self._proc is not None and self._proc.poll() is None:
-            return self
-        if not self.conf_path.exists():
-            self.write_files()
-        if port_open(self.host, self.port):
-            raise BrokerError(
-                f"mosquitto did not start on {self.host}:{self.port}: the port is already in use "
-                "(another broker?); pick another with --port, or 0 for any free port"
-            )
+    def _spawn(self) -> int:
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._proc = subprocess.Popen(
             [self.binary, "-c", str(self.conf_path)],  # type: ignore[list-item]
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )
-        if not wait_port(self.host, self.port, timeout, alive=lambda: self._proc is not None and self._proc.poll() is None):
-            err = b""
-            if self._proc.poll() is not None and self._proc.stderr is not None:
-                err = self._proc.stderr.read()
-            self.kill()
-            tail = self._log_tail(log_offset) or err.decode(errors="replace").strip()
-            hint = " (is the port in use? pick another with --port)" if "in use" in tail else ""
-            raise BrokerError(f"mosquitto did not start on {self.host}:{self.port}{hint}: {tail[-400:] or 'no log output'}")
-        return self
+        return log_offset
+
+    def _start_failure(self, log_offset: int) -> str:
+        err = b""
+        if self._proc is not None and self._proc.poll() is not None and self._proc.stderr is not None:
+            err = self._proc.stderr.read()
+        tail = self._log_tail(log_offset) or err.decode(errors="replace").strip()
+        hint = " (is the port in use? pick another with --port)" if "in use" in tail else ""
+        return f"{hint}: {tail[-400:] or 'no log output'}"
 
     def _log_tail(self, offset: int) -> str:
         try:
@@ -194,31 +187,16 @@ class MosquittoBroker(Broker):
         except OSError:
             return ""
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (Mosquitto saves its persistence file), then SIGKILL if it hangs."""
+        """SIGTERM (Mosquitto saves its persistence file), then SIGKILL if it hangs; wait for the port."""
         if self._proc is None:
             return
-        end_process(self._proc, timeout)
-        self._proc = None
+        super().stop(timeout)
         self._wait_port_free()
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, for tests. Messages not yet autosaved are lost, as on a real crash."""
-        end_process(self._proc, graceful=False)
-        self._proc = None
 
     def _wait_port_free(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and wait_port(self.host, self.port, 0.01):
             time.sleep(0.02)
 
-    def restart(self, timeout: float = 10.0) -> None:
-        self.stop()
-        self.start(timeout)
 
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from device_runtime.bundle.files import hash_tree
 from device_runtime.bundle.load import Bundle, load_bundle
@@ -78,3 +79,18 @@ class BlockPlanner:
             log.info("plan: %s trains blocks %s%s (predicted %.2fs, %.2f MHz)", d.id, d.blocks,
                      " + head" if head else "", d.predicted_latency_s, d.bandwidth_hz / 1e6)
         return plan, bundles
+
+    def round_config(self, devices: list[DeviceRecord]) -> dict[str, Any]:
+        """The round's stored config for this plan: who trains (``selected``), with which variant bundle
+        and blocks, and the allocator's plan (its prediction goes into the report next to what happened)."""
+        plan, variants = self.plan(devices)
+        busy = [d.id for d in plan.devices if not d.idle]
+        if plan.idle:
+            log.info("plan: %s idle this round (more devices than blocks)", ", ".join(plan.idle))
+        devs = {d.id: {"blocks": d.blocks, "layers": d.layers, "bandwidth_hz": d.bandwidth_hz,
+                       "predicted_latency_s": d.predicted_latency_s, "board": d.board} for d in plan.devices}
+        return {"selected": busy,
+                "variants": {d: str(b.root) for d, b in variants.items()},
+                "blocks": {d.id: d.blocks for d in plan.devices if not d.idle},
+                "plan": {"method": plan.method, "round_latency_s": plan.round_latency_s,
+                         "cost_source": plan.cost_source, "idle": plan.idle, "notes": plan.notes, "devices": devs}}

@@ -56,7 +56,8 @@ class BundleServer:
             log.warning("bad bundle request from %s: %s", dev, exc)
             return 0
         if req.bundle != self.bundle.hash:
-            log.warning("device %s asked for bundle %s; this run serves %s", dev, req.bundle[:12], self.bundle.hash[:12])
+            log.warning("device %s asked for bundle %s; this run serves %s", dev, req.bundle[:12],
+                        self.bundle.hash[:12])
             return 0
         chunks = self.chunks()
         want = range(len(chunks)) if req.missing is None else [i for i in req.missing if 0 <= i < len(chunks)]

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
+from typing import get_args
 
 import typer
 
+from device_runtime.choices import choices
+from device_runtime.errors import DeftError, first_error
+from device_runtime.payload import ENCODINGS
+from device_runtime.protocol.topics import DEFAULT_FLEET
+from edge_broker.coordinator.config import AllocationMethod
+
+EncodingChoice = choices("EncodingChoice", ENCODINGS)
+Allocation = choices("Allocation", get_args(AllocationMethod))
+
 
 def _password(password: str | None, accounts: Path | None, user: str) -> str | None:
-    if password:
+    if password:  # --password or DEFT_PASSWORD
         return password
-    if os.environ.get("DEFT_PASSWORD"):
-        return os.environ["DEFT_PASSWORD"]
     if accounts is not None:
         from edge_broker.broker import load_accounts
 
@@ -32,11 +39,12 @@ def serve_command(
     broker: str = typer.Option(..., help="Broker URL, e.g. mqtt://127.0.0.1:1883 (credentials may be in the URL)."),
     workdir: Path = typer.Option(Path("edge-run"), help="State (SQLite), report and adapter go here; "
                                  "starting again with the same workdir resumes the run."),
-    fleet: str = typer.Option("default", help="Fleet name (topic tree deft/v1/<fleet>/...)."),
+    fleet: str = typer.Option(DEFAULT_FLEET, help="Fleet name (topic tree deft/v1/<fleet>/...)."),
     username: str = typer.Option("edge", help="The edge's MQTT account."),
-    password: str = typer.Option(None, help="Its password (or DEFT_PASSWORD, or --accounts)."),
+    password: str = typer.Option(None, envvar="DEFT_PASSWORD", help="Its password (or --accounts)."),
     accounts: Path = typer.Option(None, help="accounts.json written by `deft edge broker` (password lookup)."),
-    devices: str = typer.Option("", help="Comma-separated device ids of the fleet (default: any device that says hello)."),
+    devices: str = typer.Option("",
+                                help="Comma-separated device ids of the fleet (default: any device that says hello)."),
     rounds: int = typer.Option(3, min=1, help="Number of rounds."),
     min_devices: int = typer.Option(1, min=1, help="Start once this many devices said hello."),
     wait_devices: float = typer.Option(300.0, help="Seconds to wait for them."),
@@ -50,12 +58,12 @@ def serve_command(
     batch_size: int = typer.Option(16, help="Local batch size."),
     lr: float = typer.Option(1e-3, help="Local learning rate."),
     steps: int = typer.Option(None, help="Local steps per round (overrides --epochs)."),
-    encoding: str = typer.Option("int8", help="Update encoding: fp32, fp16, int8 or int8-row."),
+    encoding: EncodingChoice = typer.Option("int8", help="Update encoding."),
     max_update_bytes: int = typer.Option(64 * 1024 * 1024, help="Reject an update payload larger than this."),
     eval_data: Path = typer.Option(None, help="Labelled data to score the full model on after each round."),
     model: str = typer.Option(None, help="Full model to plug into (default: the bundle's source model)."),
     eval_bundle: bool = typer.Option(False, help="Also score the bundle (emulator) itself with ONNX Runtime."),
-    allocation: str = typer.Option(None, help="LoLa DEFT: crunch or joint matches devices to blocks each round "
+    allocation: Allocation = typer.Option(None, help="LoLa DEFT: crunch or joint matches devices to blocks each round "
                                    "(each device trains a bundle variant with only its blocks trainable)."),
     cost_table: Path = typer.Option(None, help="Per-block cost table from `deft hw profile` (default: an estimate)."),
     total_bandwidth: float = typer.Option(20e6, help="Uplink bandwidth the fleet shares, Hz (joint allocation)."),
@@ -64,52 +72,27 @@ def serve_command(
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
 ) -> None:
     """Run the rounds: distribute the bundle, collect and validate updates, aggregate, plug in, report."""
-    from pydantic import ValidationError
-
-    from edge_broker.aggregation import AggregationError
-    from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
-    from edge_broker.coordinator.coordinator import Coordinator
-    from device_runtime.protocol.errors import ProtocolError
-    from edge_broker.store import StoreError
-
+    opts = dict(locals())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    params = {}
-    for kv in strategy_param:
-        k, _, v = kv.partition("=")
-        try:
-            params[k] = json.loads(v)
-        except json.JSONDecodeError:
-            params[k] = v
-    hp = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
-    if steps:
-        hp["steps"] = steps
     try:
-        cfg = CoordinatorConfig(
-            broker=broker, username=username, password=_password(password, accounts, username), fleet=fleet,
-            bundle=bundle, workdir=workdir, rounds=rounds,
-            devices=[d.strip() for d in devices.split(",") if d.strip()] or None, min_devices=min_devices,
-            wait_devices_s=wait_devices, deadline_s=deadline, min_updates=min_updates, quorum=quorum, strategy=strategy,
-            strategy_params=params, clip_norm=clip_norm, hyperparams=hp, encoding=encoding,
-            max_update_bytes=max_update_bytes, eval_data=eval_data,
-            model=model, eval_bundle=eval_bundle, allocation=allocation, cost_table=cost_table,
-            total_bandwidth=total_bandwidth, max_packet_size=max_packet_size)
-        coord = Coordinator(cfg)
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        typer.echo(f"error: {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}", err=True)
-        raise typer.Exit(2) from None
-    except (CoordinatorError, AggregationError, StoreError) as exc:
+        coord = _coordinator(opts)
+    except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _print_report(_run(coord), json_out)
+
+
+def _run(coord) -> dict:
+    """Run until done; SIGTERM stops between steps (start again to resume), an error is one line, exit 2."""
 
     def _stop(*_):
         coord.stop_requested = True
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        report = coord.run()
-    except (CoordinatorError, AggregationError, StoreError, ProtocolError) as exc:
+        return coord.run()
+    except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -117,11 +100,45 @@ def serve_command(
         raise typer.Exit(130) from None
     finally:
         coord.close()
+
+
+def _coordinator(o: dict):
+    """The coordinator the options describe; a bad option raises a one-line :class:`DeftError`."""
+    from pydantic import ValidationError
+
+    from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
+    from edge_broker.coordinator.coordinator import Coordinator
+
+    params = {}
+    for kv in o["strategy_param"]:
+        k, _, v = kv.partition("=")
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    hp = {"epochs": o["epochs"], "batch_size": o["batch_size"], "lr": o["lr"]}
+    if o["steps"]:
+        hp["steps"] = o["steps"]
+    same = ("broker", "username", "fleet", "bundle", "workdir", "rounds", "min_devices", "min_updates", "quorum",
+            "strategy", "clip_norm", "max_update_bytes", "eval_data", "model", "eval_bundle", "cost_table",
+            "total_bandwidth", "max_packet_size")
+    try:
+        cfg = CoordinatorConfig(
+            **{k: o[k] for k in same}, password=_password(o["password"], o["accounts"], o["username"]),
+            devices=[d.strip() for d in o["devices"].split(",") if d.strip()] or None,
+            wait_devices_s=o["wait_devices"], deadline_s=o["deadline"], strategy_params=params, hyperparams=hp,
+            encoding=o["encoding"].value, allocation=o["allocation"].value if o["allocation"] else None)
+    except ValidationError as exc:
+        raise CoordinatorError("{}: {}".format(*first_error(exc, "config"))) from None
+    return Coordinator(cfg)
+
+
+def _print_report(report: dict, json_out: bool) -> None:
     if json_out:
         typer.echo(json.dumps(report, default=str))
-    else:
-        for r in report["rounds"]:
-            acc = f"accuracy {r['accuracy']:.4f}" if r.get("accuracy") is not None else ""
-            typer.echo(f"round {r['round']}: {r['accepted']} update(s) {acc}  up {r['bytes_up']:,} B  "
-                       f"down {r['bytes_down']:,} B  {r['wall_s']:.1f}s")
-        typer.echo(f"report: {report['report']}  adapter: {report['adapter_dir']}")
+        return
+    for r in report["rounds"]:
+        acc = f"accuracy {r['accuracy']:.4f}" if r.get("accuracy") is not None else ""
+        typer.echo(f"round {r['round']}: {r['accepted']} update(s) {acc}  up {r['bytes_up']:,} B  "
+                   f"down {r['bytes_down']:,} B  {r['wall_s']:.1f}s")
+    typer.echo(f"report: {report['report']}  adapter: {report['adapter_dir']}")

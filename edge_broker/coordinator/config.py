@@ -7,8 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from device_runtime.errors import DeftError
+from device_runtime.payload import Encoding
+from device_runtime.protocol.topics import DEFAULT_FLEET
 
-class CoordinatorError(Exception):
+#: how ``--allocation`` matches devices to blocks (``edge_broker.allocation``)
+AllocationMethod = Literal["crunch", "joint", "greedy", "random", "equal"]
+
+
+class CoordinatorError(DeftError):
     """The run cannot start or go on (no devices, bad config, corrupt state). Printed as ``error: ...``."""
 
 
@@ -18,7 +25,7 @@ class CoordinatorConfig(BaseModel):
     broker: str = Field(description="mqtt://host:port or mqtts://...")
     username: str = "edge"
     password: str | None = None
-    fleet: str = "demo"
+    fleet: str = DEFAULT_FLEET
     bundle: Path
     workdir: Path
     rounds: int = Field(3, ge=1)
@@ -37,7 +44,7 @@ class CoordinatorConfig(BaseModel):
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     clip_norm: float | None = Field(None, gt=0)
     hyperparams: dict[str, Any] = Field(default_factory=lambda: {"epochs": 1, "batch_size": 16, "lr": 1e-3})
-    encoding: Literal["fp32", "fp16", "int8", "int8-row"] = "int8"
+    encoding: Encoding = "int8"
     delta: bool = True
     max_update_bytes: int = Field(64 * 1024 * 1024, gt=0)
     #: a device silent for this long is marked lost (heartbeats come every few seconds)
@@ -53,7 +60,7 @@ class CoordinatorConfig(BaseModel):
     #: the broker's packet limit when it cannot announce it (MQTT 3.1.1 brokers such as the embedded one)
     max_packet_size: int | None = Field(None, gt=1024)
     #: LoLa DEFT: match devices to blocks each round (crunch or joint); None: every device trains everything
-    allocation: Literal["crunch", "joint", "greedy", "random", "equal"] | None = None
+    allocation: AllocationMethod | None = None
     #: per-block costs measured by `deft hw profile` (None: an analytic estimate)
     cost_table: Path | None = None
     #: uplink bandwidth shared by the fleet, Hz (joint allocation splits it)

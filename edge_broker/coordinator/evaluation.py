@@ -1,4 +1,8 @@
-"""Score the global state the way users will use it: plugged into the full model (torch + peft).
+"""Score the global state the way users will use it, and at the end plug it in and write the report.
+
+Each round's global state is plugged into the full model (torch + peft) and scored
+(:class:`Evaluations`); after the last round :func:`plug_in_and_report` writes the PEFT adapter
+directory, the global tensors, ``report.json`` and ``report.png``.
 
 The full model is loaded and wrapped once; each round only its adapter tensors are overwritten, so
 per-round evaluation costs one forward pass over the evaluation set. For an emulator bundle the
@@ -15,6 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.bundle.load import Bundle
+from device_runtime.bundle.manifest import Manifest
+from edge_broker.coordinator.report import write_report
+from edge_broker.store import tensors_to_bytes
 
 log = logging.getLogger("deft.edge")
 
@@ -96,3 +103,59 @@ class BundleEvaluator:
 
         apply_global_state(self.backend, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})
         return evaluate(self.backend, self.ds)
+
+
+class Evaluations:
+    """The run's evaluators, built on first use (loading the full model takes a while)."""
+
+    def __init__(self, bundle: Bundle, data: Path, model: str | None, eval_bundle: bool) -> None:
+        self.bundle, self.data, self.model, self.eval_bundle = bundle, data, model, eval_bundle
+        self.full: FullModelEvaluator | None = None
+        self.own: BundleEvaluator | None = None
+
+    def evaluate(self, tensors: Mapping[str, np.ndarray]) -> dict:
+        """The full model's accuracy, loss and time with ``tensors`` plugged in."""
+        if self.full is None:
+            self.full = FullModelEvaluator(self.bundle, self.data, self.model)
+            if self.eval_bundle:
+                self.own = BundleEvaluator(self.bundle, self.data)
+        return self.full.evaluate(tensors)
+
+    def round_result(self, tensors: Mapping[str, np.ndarray]) -> dict:
+        """What a round's result records of its evaluation."""
+        ev = self.evaluate(tensors)
+        out = {"accuracy": ev["accuracy"], "eval_loss": ev["loss"], "eval_s": ev["eval_s"]}
+        if self.own is not None:
+            out["bundle_accuracy"] = self.own.evaluate(tensors)["accuracy"]
+        return out
+
+
+def plug_in_and_report(report: dict, last: tuple[int, dict[str, np.ndarray]] | None, *, manifest: Manifest,
+                       model: str | None, out: Path, evaluations: Evaluations | None, t0: float) -> dict:
+    """Plug the final global state into the full model, write the adapter and the report."""
+    rounds = sorted(report["rounds"], key=lambda x: x["round"])
+    report["rounds"] = rounds
+    report["accuracy"] = [x.get("accuracy") for x in rounds]
+    report["final_accuracy"] = rounds[-1].get("accuracy") if rounds else None
+    report["bytes_up"] = int(sum(x.get("bytes_up", 0) for x in rounds))
+    report["bytes_down"] = int(sum(x.get("bytes_down", 0) for x in rounds))
+    report["wall_s"] = round(time.time() - t0, 3)
+    report["adapter_dir"] = None
+    if last is not None and manifest.peft.peft_config:
+        try:
+            if evaluations is not None and evaluations.full is not None:
+                path = evaluations.full.save_adapter(last[1], out / "adapter")
+            else:
+                from export.plugin import load_full_model, plug_in, save_adapter
+
+                path = save_adapter(plug_in(load_full_model(manifest, model), manifest, last[1]), out / "adapter")
+            report["adapter_dir"] = str(path)
+        except ImportError:
+            log.warning("torch/peft are not installed here: no adapter directory written (pip install deftkit[export])")
+    out.mkdir(parents=True, exist_ok=True)
+    if last is not None:
+        (out / "global.safetensors").write_bytes(tensors_to_bytes(last[1]))
+    path, png = write_report(report, out)
+    report["report"] = str(path)
+    report["plot"] = str(png) if png else None
+    return report

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from device_runtime.atomic import atomic_write_text
+
 
 def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path | None]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(report, indent=2, default=str))
     return path, plot_report(report, out / "report.png")
 
 

@@ -107,7 +107,7 @@ class DeviceProcesses:
     def start(self, device: str, url: str, password: str, data: Path, workdir: Path, opts: DemoOptions) -> None:
         log_path = opts.workdir / "logs" / f"{device}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "w")
+        log = open(log_path, "w")  # noqa: SIM115 - the child writes to it until stop() closes it
         env = {**os.environ, "DEFT_PASSWORD": password, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         mps = opts.extra.get("max_packet_size")
@@ -178,7 +178,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
             return None
 
         coord.watchdog = watchdog
-        for name, data in zip(names, shards):
+        for name, data in zip(names, shards, strict=True):
             devices.start(name, broker.url, pw[name], data, opts.workdir / "devices" / name, opts)
         say(f"started {opts.devices} device processes (logs in {opts.workdir / 'logs'})")
         report = coord.run()

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from device_runtime.errors import DeftError
 
-class ShardError(ValueError):
+
+class ShardError(DeftError, ValueError):
     """The data cannot be split as asked (too few rows of a label)."""
 
 

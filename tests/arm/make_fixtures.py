@@ -241,7 +241,8 @@ def _step_bundle(out: Path) -> None:
     model = make_tiny_model("bert", out / "model")
     export_bundle(str(model), out / "bundle", task="seq-cls", labels=["negative", "positive"], max_length=32)
     shutil.rmtree(out / "model")
-    (out / "losses.json").write_text(json.dumps({"machine": platform.machine(), "losses": train_losses(out / "bundle")}))
+    losses = train_losses(out / "bundle")
+    (out / "losses.json").write_text(json.dumps({"machine": platform.machine(), "losses": losses}))
 
 
 def make(out: Path, names: list[str] | None = None) -> dict:

@@ -11,9 +11,9 @@ from tests.arm.make_fixtures import train_losses
 
 
 def test_step_graph_losses_match_x86(arm_fixture):
+    from device_runtime.backends import make_backend
     from device_runtime.bundle.load import load_bundle
     from device_runtime.payload import decode_update, encode_update
-    from device_runtime.backends import make_backend
     from tests.arm.make_fixtures import STEP_LR, step_batches
 
     d = arm_fixture("step_bundle")

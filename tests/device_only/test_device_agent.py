@@ -36,7 +36,8 @@ def test_torch_free_device_agent_completes_a_round(device_bundle, tmp_path):
         info = json.loads(broker.stdout.readline())
         accounts = {a["username"]: a["password"] for a in json.loads(Path(info["accounts"]).read_text())["accounts"]}
         url = f"mqtt://127.0.0.1:{port}"
-        edge = subprocess.Popen([py, "-m", "deftkit.cli", "edge", "serve", "--bundle", str(device_bundle), "--broker", url,
+        edge = subprocess.Popen([py, "-m", "deftkit.cli", "edge", "serve", "--bundle", str(device_bundle),
+                                 "--broker", url,
                                  "--accounts", info["accounts"], "--fleet", "lab", "--devices", "pi-1", "--rounds", "1",
                                  "--steps", "4", "--batch-size", "8", "--deadline", "120", "--encoding", "int8",
                                  "--workdir", str(tmp_path / "edge"), "--json"],
