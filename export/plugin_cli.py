@@ -56,7 +56,8 @@ def plug(bundle: Path, state: Path, out: Path, model: str | None, eval_data: Pat
          force: bool = False) -> dict:
     """Check every input before loading the full model, plug in, write the adapter, score it."""
     from device_runtime.bundle.load import load_bundle
-    from device_runtime.state import check_tensors, load_state_file, read_checkpoint_tensors
+    from device_runtime.state import check_tensors, load_state_file
+    from device_runtime.weights import initial_tensors
     from export.errors import ExportError
     from export.loading import source_sha256
 
@@ -68,7 +69,7 @@ def plug(bundle: Path, state: Path, out: Path, model: str | None, eval_data: Pat
         raise ExportError(f"evaluation data {eval_data} does not exist")
     b = load_bundle(bundle)
     m = b.manifest
-    tensors = check_tensors(m, load_state_file(state, lambda: read_checkpoint_tensors(b)))
+    tensors = check_tensors(m, load_state_file(state, lambda: initial_tensors(b)))
     source = model or m.source_model
     if not Path(source).is_dir():
         raise ExportError(f"full model {source} is not a directory; pass the model the bundle was exported from "

@@ -159,9 +159,10 @@ def test_plugin_parity_with_stock_peft(distilled_bundle, tiny_model_dir, tmp_pat
     assert acc == rep["eval_accuracy"]
     assert abs(loss - rep["eval_loss"]) < 1e-4
     # the device really trained (the parity is not between two untrained models)
-    from device_runtime.state import load_state_file, read_checkpoint_tensors
+    from device_runtime.state import load_state_file
+    from device_runtime.weights import initial_tensors
 
-    trained, init = load_state_file(upd), read_checkpoint_tensors(b)
+    trained, init = load_state_file(upd), initial_tensors(b)
     assert any(not np.allclose(trained[k], init[k]) for k in trained)
 
 
@@ -211,10 +212,10 @@ def plugin_inputs(distilled_bundle, tmp_path_factory) -> dict:
     from safetensors.numpy import save_file
 
     from device_runtime.bundle.load import load_bundle
-    from device_runtime.state import read_checkpoint_tensors
+    from device_runtime.weights import initial_tensors
 
     root = tmp_path_factory.mktemp("plugin-bad")
-    tensors = read_checkpoint_tensors(load_bundle(distilled_bundle))
+    tensors = initial_tensors(load_bundle(distilled_bundle))
     good = root / "state.safetensors"
     save_file(tensors, str(good))
     wrong = root / "wrong.safetensors"
