@@ -155,14 +155,14 @@ def test_existing_output_needs_force(tiny_model_dir, tiny_bert_bundle, tmp_path)
 
 
 def test_failed_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    """A failure after staging started (here: artifact generation) removes the partial bundle."""
-    from export import training_artifacts
+    """A failure after staging started (here: writing the weights) removes the partial bundle."""
+    from export import api
     from export.api import export_bundle
 
     def boom(*a, **k):
-        raise RuntimeError("simulated crash while writing artifacts")
+        raise RuntimeError("simulated crash while writing the weights")
 
-    monkeypatch.setattr(training_artifacts, "generate", boom)
+    monkeypatch.setattr(api, "save_safetensors", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         export_bundle(str(tiny_model_dir("bert")), tmp_path / "b", num_labels=2, max_length=32)
     assert list(tmp_path.iterdir()) == []
