@@ -72,9 +72,9 @@ def make_step_fn(model: torch.nn.Module, task: str, num_virtual_tokens: int, tra
         params = tensors[:n]
         ms, vs = tensors[n:2 * n], tensors[2 * n:3 * n]
         state = {prefix + k: val for k, val in zip(trainable, params, strict=True)}
-        state |= {prefix + k: val for k, val in zip(frozen, tensors[3 * n:], strict=True) if k not in held}
-        # PEFT keeps soft-prompt token ids in a plain dict, not a buffer: trace them as inputs too
         values = dict(zip(frozen, tensors[3 * n:], strict=True))
+        state |= {prefix + k: val for k, val in values.items() if k not in held}
+        # PEFT keeps soft-prompt token ids in a plain dict, not a buffer: trace them as inputs too
         saved = dict(getattr(model, "prompt_tokens", {}))
         for k in held:
             model.prompt_tokens[k[len(PROMPT_TOKENS):]] = values[k]
