@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm bench lint clean
+.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm test-pythons bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -65,6 +65,17 @@ test-arm: install
 	DEFT_ARM_DIR=$(ARM_DIR) DEFT_ARM_FIXTURES=$(abspath $(ARM_DIR))/fixtures DEFT_EXPORT_PYTHON=$(VENV)/bin/python \
 		$(VENV)/bin/python -m tests.arm.emulator pytest tests/arm -q
 
+# The device half on the other Pythons it supports (3.10: JetPack 6; 3.13: Raspberry Pi OS Trixie):
+# the device-only suite in a venv of each python3.X found on PATH (without the 3.11 pins of
+# constraints.txt, as a board would install it); a missing interpreter is skipped with a note.
+DEVICE_PYTHONS ?= 3.10 3.13
+test-pythons: install
+	@for v in $(DEVICE_PYTHONS); do \
+	  py=$$(command -v python$$v) || { echo "python$$v not found: skipped"; continue; }; \
+	  $$py -m venv .venv-py$$v && .venv-py$$v/bin/pip install $(PIP_FLAGS) -e ".[device]" pytest pytest-timeout && \
+	  DEFT_DEVICE_ONLY=1 DEFT_EXPORT_PYTHON=$(VENV)/bin/python .venv-py$$v/bin/python -m pytest tests/device_only -q || exit 1; \
+	done
+
 bench: install
 	$(VENV)/bin/python bench/export_bench.py
 
@@ -72,4 +83,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) .venv-py3.* .pytest_cache .hypothesis
