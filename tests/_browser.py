@@ -1,0 +1,77 @@
+"""Headless Chromium (Debian's ``chromium``, driven by Python Playwright) and the built browser device page,
+for the web-device tests. Everything is on 127.0.0.1; the browser never downloads anything (the flags
+below keep it off the network, which here is closed and would make it hang on refused connections).
+Skips with the reason when chromium, node/npm or the page build is missing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._models import REPO
+
+WEB = REPO / "device_web"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+__all__ = ["browser", "web_page"]
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if Path(p).exists()), None)
+
+
+@pytest.fixture(scope="session")
+def web_dist() -> Path:
+    """device_web/dist, built here if CI's `make web` did not (needs node_modules from `npm ci`)."""
+    dist = WEB / "dist"
+    if not (dist / "index.html").is_file():
+        if not (WEB / "node_modules").is_dir() or not shutil.which("npm"):
+            pytest.skip("the browser device is not built: run `make web` (npm ci && npm run build in device_web/)")
+        subprocess.run(["npm", "run", "build"], cwd=WEB, check=True, capture_output=True, timeout=300)
+    return dist
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One headless Chromium for the session (a fresh profile directory)."""
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright (Python) not installed")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(str(profile), executable_path=exe, headless=True,
+                                                    args=CHROMIUM_ARGS, viewport={"width": 900, "height": 900})
+        yield ctx
+        ctx.close()
+
+
+@pytest.fixture
+def web_page(web_dist: Path, browser) -> Iterator[Callable[..., object]]:
+    """``web_page(broker_ws_url, fleet, device_id)`` -> a Playwright page of the device, served by the
+    edge's own page server (``edge_broker.web.serve_page``) on a free loopback port."""
+    from edge_broker.broker.base import free_port
+    from edge_broker.web import serve_page
+
+    server = serve_page("127.0.0.1", free_port(), root=web_dist)
+    pages = []
+
+    def open_page(ws_url: str, fleet: str, device: str):
+        page = browser.new_page()  # type: ignore[attr-defined]
+        page.on("console", lambda m: print(f"[page {device}] {m.type}: {m.text}"))
+        page.goto(server.url("127.0.0.1", broker=ws_url, fleet=fleet, id=device, threads="2"))
+        pages.append(page)
+        return page
+
+    yield open_page
+    for p in pages:
+        p.close()
+    server.stop()
