@@ -18,7 +18,7 @@ WEB = REPO / "device_web"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-__all__ = ["browser", "web_page"]
+__all__ = ["browser", "web_dist", "web_page"]
 
 
 def _chromium() -> str | None:

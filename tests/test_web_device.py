@@ -19,9 +19,8 @@ import pytest
 from device_runtime.bundle.archive import pack_bundle
 from device_runtime.bundle.load import load_bundle
 from device_runtime.payload import decode_update
-from device_runtime.protocol import Envelope, Task, parse_body, split, to_envelope
+from device_runtime.protocol import Envelope, Task, split, to_envelope
 from tests._broker import FLEET
-from tests._browser import browser, web_dist, web_page  # noqa: F401 - fixtures
 from tests._fleet import Fleet, fedavg_from_store, running_fleet, store_updates, write_shard
 from tests._models import SST2_VALIDATION
 

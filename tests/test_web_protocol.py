@@ -16,13 +16,13 @@ import pytest
 from device_runtime.bundle.manifest import Manifest
 from device_runtime.payload import ENCODINGS, decode_update, max_decode_error
 from device_runtime.protocol import Envelope, Hello, Reassembler, Topics, parse_body, split
-from tests._browser import WEB, web_dist  # noqa: F401 - fixture
+from tests._browser import WEB
 
 FLEET, DEVICE = "lab", "phone-1"
 
 
 @pytest.fixture
-def golden(web_dist, tmp_path):  # noqa: F811 - the fixture imported above
+def golden(web_dist, tmp_path):
     """Write the Python fixtures, run the JS side on them, return (dir, its output)."""
     if shutil.which("node") is None:
         pytest.skip("node not installed")
