@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm bench lint clean
+.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm web test-web-minilm bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -65,6 +65,14 @@ test-arm: install
 	DEFT_ARM_DIR=$(ARM_DIR) DEFT_ARM_FIXTURES=$(abspath $(ARM_DIR))/fixtures DEFT_EXPORT_PYTHON=$(VENV)/bin/python \
 		$(VENV)/bin/python -m tests.arm.emulator pytest tests/arm -q
 
+# The browser device (device_web/): npm ci + esbuild into device_web/dist (what `deft edge serve --web` serves).
+web:
+	cd device_web && npm ci --no-audit --no-fund && npm run build
+
+# The MiniLM browser round (minutes: export, 93 MB bundle over MQTT, ORT-web training in headless Chromium).
+test-web-minilm: install web
+	DEFT_WEB_MINILM=1 $(VENV)/bin/python -m pytest tests/test_web_device.py -q -k minilm -s
+
 bench: install
 	$(VENV)/bin/python bench/export_bench.py
 
@@ -72,4 +80,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) .pytest_cache .hypothesis device_web/dist
