@@ -54,8 +54,10 @@ export interface RoundInfo {
 
 /** Why a connection was refused, in words (MQTT 5 reason codes; 4/5 are MQTT 3.1.1's). */
 function refusal(code: number | undefined, id: string): string | null {
-  if (code === 134 || code === 4) return `wrong password for device '${id}': use the password the edge printed for it`;
-  if (code === 135 || code === 5) return `the broker refused device '${id}' (not authorized): is it one of the fleet's accounts?`;
+  // Mosquitto answers a wrong password and an unknown user alike (it does not tell which)
+  if ([134, 135, 4, 5].includes(code ?? -1)) {
+    return `wrong password for device '${id}' (or no such account): use the id and password the edge printed for it`;
+  }
   return null;
 }
 
@@ -89,20 +91,29 @@ export class WebDevice {
     return new Promise((resolve, reject) => {
       const c = mqtt.connect(this.cfg.broker, {
         clientId: `deft-web-${id}`, username: id, password: this.cfg.password, protocolVersion: 5, clean: true,
-        reconnectPeriod: 0, connectTimeout: 10_000, keepalive: 10,
+        // no retry until the first connect answered (a wrong password must show, not loop); a long keepalive:
+        // a phone throttles a background tab's timers, and training holds the main thread between steps
+        reconnectPeriod: 0, connectTimeout: 10_000, keepalive: 60,
         will: { topic: t.status(id), payload: Buffer.from(this.env("status", { state: "offline" })), qos: 1, retain: true },
       });
       this.client = c;
       let opened = false;
       c.on("error", (err: Error & { code?: number }) => {
-        const why = refusal(err.code, id) ?? `cannot connect to ${this.cfg.broker}: ${err.message}`;
+        const why = refusal(err.code, id) ??
+          (opened ? `connection problem: ${err.message}` : `cannot connect to ${this.cfg.broker}: ${err.message}`);
         if (!opened) {
           c.end(true);
           reject(new Error(why));
         } else this.ev.error(why);
       });
       c.on("connect", async (connack) => {
+        if (opened) { // a reconnect: mqtt.js resubscribes; say we are back
+          c.publish(t.status(id), Buffer.from(this.env("status", { state: "online" })), { qos: 1, retain: true });
+          this.ev.status("reconnected");
+          return;
+        }
         opened = true;
+        c.options.reconnectPeriod = 2000;
         this.maxPacket = connack.properties?.maximumPacketSize ?? this.maxPacket;
         c.on("message", (topic, payload) => this.onMessage(topic, new Uint8Array(payload)));
         await c.subscribeAsync([t.taskFor(id), t.taskAll(), t.ackTo(id), `${t.base}/to/${id}/bundle/+`, t.bundleAll(),
@@ -120,7 +131,7 @@ export class WebDevice {
         this.ev.status(`connected to ${this.cfg.broker} as ${id}; waiting for a task`);
         resolve();
       });
-      c.on("close", () => this.ev.status("disconnected"));
+      c.on("close", () => this.ev.status(opened ? "disconnected; reconnecting" : "disconnected"));
     });
   }
 
@@ -182,9 +193,29 @@ export class WebDevice {
     }
   }
 
+  /** The bundle from the edge that served this page (/bundle/<hash>.tar), or null when it does not serve it.
+   * Verified exactly like a chunked download: the hash it must have came in the task, over MQTT. */
+  private async httpBundle(hash: string): Promise<Bundle | null> {
+    let res: Response;
+    try {
+      res = await fetch(new URL(`bundle/${hash}.tar`, location.href));
+    } catch {
+      return null;
+    }
+    if (!res.ok) return null;
+    this.ev.status(`downloading bundle ${hash.slice(0, 12)} from the edge`);
+    const tar = new Uint8Array(await res.arrayBuffer());
+    const b = openBundle(hash, tar);
+    this.ev.status(`bundle ${hash.slice(0, 12)} verified (${Object.keys(b.manifest.files).length} files, ${tar.length} bytes, HTTP)`);
+    return b;
+  }
+
   private async fetchBundle(hash: string): Promise<Bundle> {
-    const have = this.bundles.get(hash);
-    if (have) return have;
+    const have = this.bundles.get(hash) ?? (await this.httpBundle(hash));
+    if (have) {
+      this.bundles.set(hash, have);
+      return have;
+    }
     const c = this.client!;
     const ask = (missing: number[] | null) =>
       c.publishAsync(this.topics.bundleRequest(this.cfg.id), Buffer.from(this.env("bundle-request", { bundle: hash, missing })), { qos: 1 });
@@ -210,7 +241,7 @@ export class WebDevice {
       if (tar) {
         const b = openBundle(hash, tar);
         this.bundles.set(hash, b);
-        this.ev.status(`bundle ${hash.slice(0, 12)} verified (${Object.keys(b.manifest.files).length} files, ${tar.length} bytes)`);
+        this.ev.status(`bundle ${hash.slice(0, 12)} verified (${Object.keys(b.manifest.files).length} files, ${tar.length} bytes, MQTT)`);
         return b;
       }
     }

@@ -1,7 +1,7 @@
 /** The page: a form (broker, device id, password, local data), then the device runs and the page shows
  * its status, training progress, losses, step time and accuracy. ``window.deft`` mirrors that state
  * for tests and curious users. */
-import * as ort from "onnxruntime-web";
+import * as ort from "onnxruntime-web/wasm";
 import { type RoundInfo, WebDevice } from "./device.js";
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -67,8 +67,8 @@ async function start(ev: Event): Promise<void> {
     password: $<HTMLInputElement>("password").value, fleet: $<HTMLInputElement>("fleet").value.trim(),
     data: await readData(), threads: state.threads,
   }, {
-    status: (t) => { state.status = t; show(); },
-    error: (t) => { state.error = t; show(); },
+    status: (t) => { state.status = t; console.info(t); show(); },
+    error: (t) => { state.error = t; console.warn(t); show(); },
     progress: (done, total, loss) => { state.progress = { done, total, loss }; show(); },
     round: (info) => {
       state.rounds.push(info);

@@ -1,7 +1,7 @@
 /** Trains the bundle's step graph with onnxruntime-web: one ``session.run`` is one AdamW step (contract:
  * device_runtime/step_contract.py). The frozen weights are the graph's external data, handed to ONNX
  * Runtime as the bundle's weights.safetensors bytes (the graph points at each tensor's offset there). */
-import * as ort from "onnxruntime-web";
+import * as ort from "onnxruntime-web/wasm";
 import type { Bundle } from "./bundle.js";
 import { type Batch, batchIndices, makeBatch } from "./data.js";
 
@@ -51,11 +51,12 @@ export interface TrainResult {
 }
 
 function externalData(b: Bundle, graph: string): { path: string; data: Uint8Array }[] {
-  return (b.manifest.step.external[graph]?.length ? [{ path: "weights.safetensors", data: b.files.get("weights.safetensors")! }] : []);
+  // a copy: the tar's subarray would hand ONNX Runtime the whole download's buffer
+  return b.manifest.step.external[graph]?.length ? [{ path: "weights.safetensors", data: b.files.get("weights.safetensors")!.slice() }] : [];
 }
 
 async function session(b: Bundle, graph: string): Promise<ort.InferenceSession> {
-  return ort.InferenceSession.create(b.files.get(graph)!, {
+  return ort.InferenceSession.create(b.files.get(graph)!.slice(), {
     executionProviders: ["wasm"],
     externalData: externalData(b, graph),
     enableMemPattern: false,

@@ -208,6 +208,15 @@ class MosquittoBroker(ProcessBroker):
         except OSError:
             return ""
 
+    def start(self, timeout: float | None = None) -> MosquittoBroker:
+        """Start; with a WebSocket listener, return once that accepts connections too (it opens after TCP)."""
+        super().start(timeout)
+        w = self.config.websockets
+        if w is not None and not wait_port(w.host or self.host, w.port, 10.0):
+            self.stop()
+            raise BrokerError(f"mosquitto's WebSocket listener on port {w.port} did not open; see {self.log_path}")
+        return self
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Mosquitto saves its persistence file), then SIGKILL if it hangs; wait for the port."""
         if self._proc is None:

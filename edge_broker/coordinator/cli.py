@@ -89,7 +89,8 @@ def serve_command(
         if web:
             from edge_broker.web import announce, serve_page
 
-            page = serve_page(web_host, web_port, certfile=web_cert, keyfile=web_key)
+            page = serve_page(web_host, web_port, certfile=web_cert, keyfile=web_key,
+                              bundles={coord.bundle.hash: coord.bundle.root})
             typer.echo(announce(page, web_host, ws_url, fleet), err=True)
     except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
