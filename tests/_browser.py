@@ -18,7 +18,7 @@ WEB = REPO / "device_web"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-__all__ = ["browser", "web_dist", "web_page"]
+__all__ = ["browser", "browser_page", "web_dist", "web_page"]
 
 
 def _chromium() -> str | None:
@@ -55,23 +55,33 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture
-def web_page(web_dist: Path, browser) -> Iterator[Callable[..., object]]:
-    """``web_page(broker_ws_url, fleet, device_id)`` -> a Playwright page of the device, served by the
-    edge's own page server (``edge_broker.web.serve_page``) on a free loopback port."""
-    from edge_broker.broker.base import free_port
-    from edge_broker.web import serve_page
-
-    server = serve_page("127.0.0.1", free_port(), root=web_dist)
+def browser_page(browser) -> Iterator[Callable[[str], object]]:
+    """``browser_page(url)`` -> a Playwright page on ``url`` (console lines go to the test's output)."""
     pages = []
 
-    def open_page(ws_url: str, fleet: str, device: str):
+    def open_page(url: str):
         page = browser.new_page()  # type: ignore[attr-defined]
-        page.on("console", lambda m: print(f"[page {device}] {m.type}: {m.text}"))
-        page.goto(server.url("127.0.0.1", broker=ws_url, fleet=fleet, id=device, threads="2"))
+        page.on("console", lambda m: print(f"[page] {m.type}: {m.text}"))
+        page.goto(url)
         pages.append(page)
         return page
 
     yield open_page
     for p in pages:
         p.close()
+
+
+@pytest.fixture
+def web_page(web_dist: Path, browser_page) -> Iterator[Callable[..., object]]:
+    """``web_page(broker_ws_url, fleet, device_id)`` -> a Playwright page of the device, served by the
+    edge's page server (``edge_broker.web.serve_page``, no bundles: the page then takes the MQTT path)."""
+    from edge_broker.broker.base import free_port
+    from edge_broker.web import serve_page
+
+    server = serve_page("127.0.0.1", free_port(), root=web_dist)
+
+    def open_page(ws_url: str, fleet: str, device: str):
+        return browser_page(server.url("127.0.0.1", broker=ws_url, fleet=fleet, id=device, threads="2"))
+
+    yield open_page
     server.stop()

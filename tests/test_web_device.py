@@ -89,13 +89,22 @@ def python_losses(bundle_dir: Path, trace: list[dict]) -> tuple[list[float], lis
     return losses, seconds
 
 
-def run_round(fleet: Fleet, web_page, tmp_path: Path, shots: str) -> dict:
-    """One round: 2 Python devices + the page; returns the page's state, the edge's result and timings."""
+def run_round(fleet: Fleet, browser_page, tmp_path: Path, shots: str) -> dict:
+    """One round: 2 Python devices + the page, which ``deft edge serve --web`` serves (with the bundle);
+    returns the page's state, the edge's result and the screenshot's path."""
+    from edge_broker.broker.base import free_port
+
     data = {d: write_shard(tmp_path / f"{d}.tsv", *SHARDS[d]) for d in [*PY_DEVICES, WEB_DEVICE]}
+    web = ["--web", "--web-host", "127.0.0.1", "--web-port", str(free_port()), "--ws-url", ws_url(fleet.but)]
     edge = fleet.coordinator(devices=[*PY_DEVICES, WEB_DEVICE], rounds=1, min_devices=3, eval_data=SST2_VALIDATION,
-                             deadline=240, batch_size=16, lr=1e-3)
+                             deadline=240, batch_size=16, lr=1e-3, extra=web)
     devs = [fleet.device(d, data[d], max_rounds=1) for d in PY_DEVICES]
-    page = web_page(ws_url(fleet.but), FLEET, WEB_DEVICE)
+    # the edge prints the page's URL (broker and fleet filled in) and a QR code
+    line = fleet.wait_until(lambda: next((ln for ln in edge.log().splitlines() if "browser devices: open" in ln), None),
+                            60, "the edge's page URL", watch=[edge])
+    url = line.split("open ", 1)[1].strip()
+    assert f"fleet={FLEET}" in url and "broker=ws" in url and "\u2588" in edge.log()  # QR code blocks
+    page = browser_page(f"{url}&id={WEB_DEVICE}&threads=2")
     join(page, fleet.but.passwords[WEB_DEVICE], data=data[WEB_DEVICE])
     page.wait_for_function("window.deft.rounds.length > 0 || window.deft.error", timeout=300_000)
     state = page.evaluate("window.deft")
@@ -145,8 +154,8 @@ def check_round(fleet: Fleet, got: dict, tmp_path: Path, name: str) -> dict:
     return figures
 
 
-def test_page_joins_a_round_with_python_devices(ws_fleet, web_page, tmp_path):
-    got = run_round(ws_fleet, web_page, tmp_path, "web-device-round-tiny.png")
+def test_page_joins_a_round_with_python_devices(ws_fleet, browser_page, web_dist, tmp_path):
+    got = run_round(ws_fleet, browser_page, tmp_path, "web-device-round-tiny.png")
     figures = check_round(ws_fleet, got, tmp_path, "tiny-bert")
     assert figures["page_threads"] == 2 and figures["page_isolated"]  # the edge's headers gave it WASM threads
 
@@ -154,9 +163,14 @@ def test_page_joins_a_round_with_python_devices(ws_fleet, web_page, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DEFT_WEB_MINILM"),
                     reason="the MiniLM browser round takes minutes: `make test-web-minilm` (DEFT_WEB_MINILM=1)")
-def test_page_joins_a_minilm_round(ws_broker, minilm_bundle, web_page, tmp_path):
-    with running_fleet(ws_broker, minilm_bundle, tmp_path / "fleet") as fleet:
-        got = run_round(fleet, web_page, tmp_path, "web-device-round-minilm.png")
+def test_page_joins_a_minilm_round(fresh_mosquitto, minilm_bundle, browser_page, web_dist, tmp_path):
+    from edge_broker.broker.base import free_port
+    from edge_broker.broker.mosquitto import DEFAULT_MAX_PACKET_SIZE, WebSocketListener
+
+    # the kit's default packet limit: MiniLM's global state (890 kB, retained) is one message
+    but = fresh_mosquitto(websockets=WebSocketListener(port=free_port()), max_packet_size=DEFAULT_MAX_PACKET_SIZE)
+    with running_fleet(but, minilm_bundle, tmp_path / "fleet") as fleet:
+        got = run_round(fleet, browser_page, tmp_path, "web-device-round-minilm.png")
         check_round(fleet, got, tmp_path, "minilm")
 
 

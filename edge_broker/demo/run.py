@@ -169,7 +169,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
     page = None
     try:
         if ws is not None:
-            page = announce_web_devices(opts, web_names, pw, ws.port, say)
+            page = announce_web_devices(opts, web_names, pw, ws.port, say, bundle)
         say(f"{broker.kind} broker at {broker.url}; watch it with: mosquitto_sub -h 127.0.0.1 -p {broker.port} "
             f"-u edge -P '{pw['edge']}' -t 'deft/v1/{FLEET}/#' -v")
         cfg = CoordinatorConfig(
@@ -213,12 +213,13 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
 
 
 def announce_web_devices(opts: DemoOptions, names: list[str], pw: dict[str, str], ws_port: int,
-                         say: Callable[[str], None]):
+                         say: Callable[[str], None], bundle: Path):
     """Serve the browser device page and say how each browser device joins (URL, QR code, password, data)."""
+    from device_runtime.bundle.load import load_bundle
     from edge_broker.demo.shards import read_labelled_tsv, write_tsv
     from edge_broker.web import lan_address, qr_text, serve_page
 
-    page = serve_page("0.0.0.0", opts.web_port)
+    page = serve_page("0.0.0.0", opts.web_port, bundles={load_bundle(bundle).hash: bundle})
     host = lan_address()
     fields, rows = read_labelled_tsv(opts.train_data)
     for i, name in enumerate(names):  # 200 rows each from the end of the file (a browser trains a short round)
