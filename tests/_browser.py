@@ -21,6 +21,29 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 __all__ = ["browser", "browser_page", "web_dist", "web_page"]
 
 
+def replay_in_python(bundle_dir: Path, trace: list[dict], threads: int = 2) -> tuple[list[float], list[float]]:
+    """The Python step backend on the page's own batches and learning rates (its ``trace``): the losses
+    and step times (the first step also creates the session)."""
+    import time
+
+    import numpy as np
+
+    from device_runtime.bundle.load import load_bundle
+    from device_runtime.step_backend import StepBackend
+
+    backend = StepBackend(load_bundle(bundle_dir), threads=threads)
+    losses, seconds = [], []
+    for i, tr in enumerate(trace):
+        rows, width = tr["batch"]["shape"]
+        batch = {k: np.asarray(tr["batch"][k], dtype=np.int64).reshape(rows, width)
+                 for k in ("input_ids", "attention_mask")}
+        batch["labels"] = np.asarray(tr["batch"]["labels"], dtype=np.int64)
+        t0 = time.perf_counter()
+        losses.append(backend.train_step(batch, lr=tr["lr"], step=i, seed=0))
+        seconds.append(time.perf_counter() - t0)
+    return losses, seconds
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if Path(p).exists()), None)
 

@@ -279,7 +279,7 @@ export class WebDevice {
     this.ev.status(`round ${task.round}: training on ${ids.length} rows`);
     const hp = task.hyperparams;
     const res = await train({ bundle, ids, labels: rows.labels, hp, seed: (hp.seed ?? 0) + task.round * 1009,
-      initial: base, onStep: (d, n, l) => this.ev.progress(d, n, l), evalRows: 256 });
+      initial: base, onStep: (d, n, l) => this.ev.progress(d, n, l), evalRows: 256, traceSteps: 32 });
     const median = [...res.stepMs].sort((a, b) => a - b)[Math.floor(res.stepMs.length / 2)] / 1000;
     const metrics: Record<string, number> = { train_rows: ids.length, steps: res.steps, median_step_s: metricValue(median),
       final_train_loss: metricValue(res.losses[res.losses.length - 1]) };
