@@ -145,10 +145,13 @@ def test_page_joins_a_round_with_python_devices(ws_fleet, browser_page, web_dist
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DEFT_WEB_MINILM"),
                     reason="the MiniLM browser round takes minutes: `make test-web-minilm` (DEFT_WEB_MINILM=1)")
-def test_page_joins_a_minilm_round(fresh_mosquitto, minilm_bundle, browser_page, web_dist, tmp_path):
+def test_page_joins_a_minilm_round(fresh_mosquitto, request, browser_page, web_dist, tmp_path):
     from edge_broker.broker.base import free_port
     from edge_broker.broker.mosquitto import DEFAULT_MAX_PACKET_SIZE, WebSocketListener
 
+    # DEFT_WEB_MINILM_BUNDLE: a MiniLM bundle already exported (the README's default), to skip the export
+    given = os.environ.get("DEFT_WEB_MINILM_BUNDLE")
+    minilm_bundle = Path(given) if given else request.getfixturevalue("minilm_bundle")
     # the kit's default packet limit: MiniLM's global state (890 kB, retained) is one message
     but = fresh_mosquitto(websockets=WebSocketListener(port=free_port()), max_packet_size=DEFAULT_MAX_PACKET_SIZE)
     with running_fleet(but, minilm_bundle, tmp_path / "fleet") as fleet:
