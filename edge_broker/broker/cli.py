@@ -77,6 +77,8 @@ def broker_command(
              f"-t '{Topics(fleet).everything()}' -v")
     summary = {"broker": broker.kind, "url": broker.url, "accounts": str(path), "fleet": fleet,
                "devices": [a.username for a in accounts if a.role == "device"], "watch": watch}
+    if ws_port:
+        summary["websockets"] = f"{'wss' if tls_cert else 'ws'}://{broker.host}:{ws_port}"
     if json_out:
         typer.echo(json.dumps(summary))
     else:
