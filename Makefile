@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm test-pythons bench lint clean
+.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm test-pythons web test-web-minilm bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -41,7 +41,7 @@ $(ORT_TRAINING_VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/deft demo
 
-test: install install-device install-ort-training
+test: install install-device install-ort-training web
 	$(VENV)/bin/python -m pytest tests -q
 	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only tests/arm -q
 	DEFT_ORT_TRAINING=1 $(ORT_TRAINING_VENV)/bin/python -m pytest tests/ort_training -q
@@ -76,6 +76,16 @@ test-pythons: install
 	  DEFT_DEVICE_ONLY=1 DEFT_EXPORT_PYTHON=$(VENV)/bin/python .venv-py$$v/bin/python -m pytest tests/device_only -q || exit 1; \
 	done
 
+# The browser device (device_web/): npm ci + esbuild into device_web/dist (what `deft edge serve --web` serves).
+# Without npm the browser-device tests skip (say so rather than fail `make test`).
+web:
+	@if command -v npm >/dev/null 2>&1; then cd device_web && npm ci --no-audit --no-fund && npm run build; \
+	else echo "npm not found: the browser-device tests will be skipped (apt-get install nodejs npm)"; fi
+
+# The MiniLM browser round (minutes: export, 93 MB bundle over MQTT, ORT-web training in headless Chromium).
+test-web-minilm: install web
+	DEFT_WEB_MINILM=1 $(VENV)/bin/python -m pytest tests/test_web_device.py -q -k minilm -s
+
 bench: install
 	$(VENV)/bin/python bench/export_bench.py
 
@@ -83,4 +93,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) .venv-py3.* .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) .venv-py3.* .pytest_cache .hypothesis device_web/dist

@@ -33,6 +33,9 @@ def demo_command(
                                   "plugged-in full model's accuracy."),
     skew: float = typer.Option(0.25, help="Label skew across devices (0: IID)."),
     fresh: bool = typer.Option(False, help="Re-export the bundle too."),
+    web_devices: int = typer.Option(0, min=0, help="Browser devices (phones) the rounds also wait for: serves the "
+                                    "page and prints each one's URL, QR code and password (Mosquitto only)."),
+    web_port: int = typer.Option(8080, help="Port of the browser device page (--web-devices)."),
     json_out: bool = typer.Option(False, "--json", help="Last stdout line: a JSON summary."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log the coordinator's messages."),
 ) -> None:
@@ -67,7 +70,7 @@ def demo_command(
 
     opts = DemoOptions(workdir=workdir, devices=devices, rows_per_device=rows, rounds=rounds, epochs=epochs, lr=lr,
                        encoding=encoding.value, strategy=strategy, broker=broker.value, emulator=emulator, skew=skew,
-                       fresh=fresh)
+                       fresh=fresh, web_devices=web_devices, web_port=web_port)
     try:
         report = run_demo(opts, say, on_event)
     except KeyboardInterrupt:

@@ -70,17 +70,36 @@ def serve_command(
     max_packet_size: int = typer.Option(None, help="The broker's packet limit if it cannot announce it (MQTT 3.1.1)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON line at the end."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
+    web: bool = typer.Option(False, "--web", help="Also serve the browser device page (device_web/) for phones."),
+    web_host: str = typer.Option("0.0.0.0", help="Address the page is served on (--web)."),
+    web_port: int = typer.Option(8080, help="Port of the page (--web)."),
+    ws_url: str = typer.Option(None, help="The broker's MQTT-over-WebSockets URL the page connects to "
+                               "(default ws://<this host>:9001; `deft edge broker --ws-port 9001` opens it)."),
+    web_cert: Path = typer.Option(None, help="Certificate (PEM) to serve the page over HTTPS (phones need it "
+                                  "for WASM threads)."),
+    web_key: Path = typer.Option(None, help="Its key (PEM)."),
 ) -> None:
     """Run the rounds: distribute the bundle, collect and validate updates, aggregate, plug in, report."""
     opts = dict(locals())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    page = None
     try:
         coord = _coordinator(opts)
+        if web:
+            from edge_broker.web import announce, serve_page
+
+            page = serve_page(web_host, web_port, certfile=web_cert, keyfile=web_key,
+                              bundles={coord.bundle.hash: coord.bundle.root})
+            typer.echo(announce(page, web_host, ws_url, fleet), err=True)
     except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    _print_report(_run(coord), json_out)
+    try:
+        _print_report(_run(coord), json_out)
+    finally:
+        if page is not None:
+            page.stop()
 
 
 def _run(coord) -> dict:
