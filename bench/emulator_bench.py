@@ -41,9 +41,10 @@ VARIANTS: dict[str, tuple[str | None, bool, list[str]]] = {
     "full": (None, False, []),
     "1-2-1": ("1,2,1", False, []),
     "1-2-1-distilled": ("1,2,1", True, []),
-    "1-2-1-distilled-mid23": ("1,2,1", True, ["--emulator-middle", "2,3"]),
-    "1-2-1-distilled-mid12": ("1,2,1", True, ["--emulator-middle", "1,2"]),
-    "1-2-1-distilled-mid34": ("1,2,1", True, ["--emulator-middle", "3,4"]),
+    # other middle choices than the uniform 1,4 (MiniLM's middle is blocks 1..4)
+    **{f"1-2-1-distilled-mid{a}{b}": ("1,2,1", True, ["--emulator-middle", f"{a},{b}"])
+       for a, b in ((1, 2), (1, 3), (2, 3), (2, 4), (3, 4))},
+    # the uniform middle at half its FFN width (1536 -> 768)
     "1-2-1-distilled-w768": ("1,2,1", True, ["--emulator-middle-width", "768"]),
     "1-1-1": ("1,1,1", False, []),
     "1-1-1-distilled": ("1,1,1", True, []),
