@@ -135,6 +135,11 @@ def table(rows: list[dict]) -> str:
             step += f" ({r['median_step_s'] / base['median_step_s']:.2f}x)"
         kd = f"{r['kd_loss_initial']:.3f} -> {r['kd_loss_final']:.3f}" if r["kd_loss_final"] is not None else ""
         middle = "" if r["emulator"] == "full" else ("distilled" if r["distilled"] else "layer drop")
+        opts = r.get("export_options") or []
+        if "--emulator-middle-width" in opts:
+            middle += f", FFN {opts[opts.index('--emulator-middle-width') + 1]}"
+        if "runtime" not in r:
+            middle += " (old runtime)"
         out.append(f"| {r['emulator']} ({r['layer_map']}) | {middle} | {r['emulator_accuracy']:.1%} | "
                    f"**{r['plugin_accuracy']:.1%}** | {rss} | {step} | {r['bundle_bytes'] / 1e6:.1f} MB | {kd} |")
     return "\n".join(out)
