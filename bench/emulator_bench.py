@@ -130,7 +130,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         rss = f"{r['peak_rss_mb']:.0f} MB"
         step = f"{r['median_step_s'] * 1000:.0f} ms"
-        if base is not None and r is not base:
+        if base is not None and r is not base and r.get("runtime") == base.get("runtime"):  # like with like
             rss += f" ({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x)"
             step += f" ({r['median_step_s'] / base['median_step_s']:.2f}x)"
         kd = f"{r['kd_loss_initial']:.3f} -> {r['kd_loss_final']:.3f}" if r["kd_loss_final"] is not None else ""
