@@ -13,6 +13,11 @@ Every step is a CLI call in its own process, exactly as a user would run it. Res
 ``bench/results/emulator_bench.json`` (written after every variant, so an interrupted run keeps
 what it finished) and ``bench/results/emulator_bench.png``.
 
+Layouts: ``1-2-1-distilled-midAB`` keeps middle blocks A,B (``--emulator-middle``), ``-w768`` halves
+the middle blocks' FFN (``--emulator-middle-width``); ``--layout-scores`` records the cheap criterion
+(layer-dropped KD loss of every 1,2,1 middle choice); ``--rss-repeats N`` trains the
+``--rss-variants`` N more times, interleaved, and reports the median peak RSS.
+
     .venv/bin/python bench/emulator_bench.py [--variants full,1-2-1,1-2-1-distilled,...] [--plot-only]
 """
 
