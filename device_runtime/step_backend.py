@@ -15,7 +15,7 @@ Session options, and why (bench/device_bench.py measures them side by side):
 - one CPU arena for the whole process (ONNX Runtime's environment allocator), not one per session:
   the train and eval sessions then reuse the same freed activation memory, so the evaluation pass
   does not grow a second arena on top of the training step's (MiniLM, batch 16 / eval batch 64:
-  peak RSS 563 -> 472 MB, bench/emulator_bench.py);
+  peak RSS 563 -> 472 MB, README "Distilled emulators");
 - everything else (graph optimisation level, threads = cores) stays at ONNX Runtime's defaults.
 
 Checkpoints are safetensors files (parameters, moments, step), never pickle.
