@@ -12,6 +12,10 @@ Session options, and why (bench/device_bench.py measures them side by side):
   spinning threads steal the CPU the next kernel needs (2x slower steps on a loaded 2-core machine);
 - no memory-pattern planning: batches change shape (padding to the longest row), so the planned
   arena is rebuilt and kept per shape; off, the step graph's peak RSS drops (measured in the bench);
+- one CPU arena for the whole process (ONNX Runtime's environment allocator), not one per session:
+  the train and eval sessions then reuse the same freed activation memory, so the evaluation pass
+  does not grow a second arena on top of the training step's (MiniLM, batch 16 / eval batch 64:
+  peak RSS 563 -> 472 MB, README "Distilled emulators");
 - everything else (graph optimisation level, threads = cores) stays at ONNX Runtime's defaults.
 
 Checkpoints are safetensors files (parameters, moments, step), never pickle.
@@ -43,12 +47,25 @@ def _onnxruntime():
     return onnxruntime
 
 
+_SHARED_ARENA: list[bool] = []
+
+
+def _shared_cpu_arena(ort) -> None:
+    """Register the process-wide CPU arena once (ONNX Runtime's default extend strategy)."""
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))
+        _SHARED_ARENA.append(True)
+
+
 def session_options(threads: int | None = None):
     """The kit's ONNX Runtime session options (see the module docstring for why)."""
     ort = _onnxruntime()
+    _shared_cpu_arena(ort)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.use_env_allocators", "1")
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         opts.intra_op_num_threads = int(threads)

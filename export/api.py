@@ -28,7 +28,7 @@ from device_runtime.bundle.manifest import (
 from device_runtime.weights import safetensors_offsets
 from export import onnx_graph
 from export import step_graph as step_graph_mod
-from export.architectures import Architecture, architecture_for
+from export.architectures import Architecture, architecture_for, get_module
 from export.bundle_writer import check_destination, finalize, staging_dir
 from export.config import ExportConfig
 from export.emulator import apply_emulator, full_spec, select_layers
@@ -51,13 +51,22 @@ def build_peft_model(model: torch.nn.Module, arch: Architecture, cfg: ExportConf
     ``tokenizer_json`` / ``progress`` serve emulator distillation (``cfg.distill``)."""
     n_full = getattr(model.config, arch.num_layers_attr)
     if cfg.emulator is not None:
-        spec = select_layers(n_full, cfg.emulator.first, cfg.emulator.last, cfg.emulator.middle)
+        spec = select_layers(n_full, cfg.emulator.first, cfg.emulator.last, cfg.emulator.middle,
+                             cfg.emulator.middle_blocks)
     else:
         spec = full_spec(n_full)
     if cfg.distill is not None:  # before blocks are dropped: the full middle is the teacher
         from export.distilled_emulator import distill_emulator
 
         spec = distill_emulator(model, arch, spec, cfg, tokenizer_json, progress)
+    elif cfg.emulator is not None and cfg.emulator.middle_width is not None:
+        from export.distilled_emulator import middle_depths
+        from export.emulator_width import narrow_blocks
+
+        blocks = get_module(model, arch.blocks_path)
+        narrow_blocks([blocks[i] for i in middle_depths(cfg, spec)], arch, cfg.emulator.middle_width)
+    if cfg.emulator is not None and cfg.emulator.middle_width is not None:
+        spec = spec.model_copy(update={"middle_width": cfg.emulator.middle_width})
     apply_emulator(model, arch, spec)
     pm, full_cfg = attach_peft(model, arch, cfg, spec)
     specs = trainable_specs(pm, arch, cfg.trainable_blocks, len(spec.layer_map))

@@ -16,6 +16,10 @@ class EmulatorConfig(BaseModel):
     first: int = 2
     middle: int = 0
     last: int = 2
+    #: which middle blocks to keep (original depths, ``--emulator-middle``); None: uniformly spaced
+    middle_blocks: list[int] | None = None
+    #: FFN width of the middle blocks (``--emulator-middle-width``): the highest-norm neurons are kept
+    middle_width: int | None = None
 
 
 class DistillConfig(BaseModel):
@@ -121,6 +125,10 @@ class ExportConfig(BaseModel):
             raise ExportError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.max_length <= 1:
             raise ExportError(f"--max-length must be > 1 (got {self.max_length})")
+        emu = self.emulator
+        if emu is not None and emu.middle_width is not None and (emu.middle == 0 or emu.middle_width <= 0):
+            raise ExportError(f"--emulator-middle-width {emu.middle_width} narrows the emulator's middle blocks: give "
+                              "a width > 0 and --emulator FIRST,MIDDLE,LAST with MIDDLE >= 1")
         if self.distill is not None and (self.emulator is None or self.emulator.middle == 0):
             raise ExportError("--distill-data distils an emulator's middle blocks: give --emulator FIRST,MIDDLE,LAST "
                               "with MIDDLE >= 1 (e.g. --emulator 1,2,1)")

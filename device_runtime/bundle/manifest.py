@@ -93,6 +93,8 @@ class EmulatorSpec(_Strict):
     is_full: bool
     #: set when the middle blocks were distilled from the full model's (None: kept as they are)
     distillation: DistillSpec | None = None
+    #: FFN width of the middle blocks when narrowed (``--emulator-middle-width``; None: the model's)
+    middle_width: int | None = None
 
     @model_validator(mode="after")
     def _check(self) -> EmulatorSpec:
