@@ -34,14 +34,14 @@ class FleetDevice(BaseModel):
 class RewardParams(BaseModel):
     """reward = ``gain_weight`` x accuracy gain - ``latency_price`` x round seconds - ``failure_penalty`` x failures.
 
-    The gain is in accuracy points (0-100), so with the defaults one point of accuracy is worth 100 s of
+    The gain is in accuracy points (0-100), so with the defaults one point of accuracy is worth 200 s of
     round time, and a device that runs out of memory costs as much as 2 points.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gain_weight: float = Field(100.0, gt=0)
-    latency_price: float = Field(0.01, ge=0, description="reward per second of round latency")
+    latency_price: float = Field(0.005, ge=0, description="reward per second of round latency")
     failure_penalty: float = Field(2.0, ge=0, description="reward per device that exceeds its memory")
 
 
@@ -52,7 +52,7 @@ class FleetProfile(BaseModel):
     rounds: int = Field(10, ge=1, le=100, description="rounds per episode")
     steps: list[int] = Field(default_factory=lambda: [25, 50, 100, 200], min_length=1,
                              description="the local-step choices")
-    target_accuracy: float = Field(0.80, gt=0, lt=1, description="time-to-target is measured to this accuracy")
+    target_accuracy: float = Field(0.78, gt=0, lt=1, description="time-to-target is measured to this accuracy")
     #: averaging n updates of k steps counts as k * n**participation_exponent steps (see env docs)
     participation_exponent: float = Field(0.5, ge=0, le=1)
     #: a round's fixed cost (task, global state, aggregation), seconds

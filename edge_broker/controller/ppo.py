@@ -115,13 +115,13 @@ def train_policy(fleet: FleetProfile, out: Path, settings: TrainSettings, *, cur
 
 def load_controller(path: Path) -> Controller:
     """Load a policy directory written by :func:`train_policy`."""
-    from stable_baselines3 import PPO
-
     files = [path / n for n in ("ppo.zip", "curves.json", "controller.json")]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise PolicyError(f"{path} is not a controller policy (missing {', '.join(missing)}); "
                           "train one with `deft edge controller train`")
+    from stable_baselines3 import PPO
+
     try:
         meta = json.loads((path / "controller.json").read_text())
         fleet = FleetProfile.model_validate(meta["fleet"])
