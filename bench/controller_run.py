@@ -36,7 +36,7 @@ def main() -> None:
     from edge_broker.controller.fleet import load_fleet
     from edge_broker.coordinator.config import CoordinatorConfig
     from edge_broker.coordinator.coordinator import Coordinator
-    from edge_broker.demo.run import DemoOptions, DeviceProcesses, make_shards, quiet_logging
+    from edge_broker.demo.run import DemoOptions, DeviceProcesses, make_shards, quiet_logging, stop_run
 
     quiet_logging(True)
     fleet = load_fleet(FLEET_FILE)
@@ -65,12 +65,7 @@ def main() -> None:
             devices.start(name, broker.url, pw[name], data, a.workdir / "devices" / name, opts)
         report = coord.run()
     finally:
-        if coord is not None:
-            coord.stop_requested = True
-        devices.stop()
-        if coord is not None:
-            coord.close()
-        broker.stop()
+        stop_run(coord, devices, broker)
     rounds_out = [{"round": r["round"], "accuracy": r.get("accuracy"), "wall_s": r["wall_s"],
                    "controller": r.get("controller")} for r in report["rounds"]]
     within = [c.get("within_budget") for r in rounds_out for c in (r["controller"] or {}).get("choices", {}).values()]
