@@ -78,6 +78,7 @@ def train_command(
     out: Path = typer.Option(..., "--out", help="Policy directory to write."),
     timesteps: int = typer.Option(150_000, help="PPO environment steps (rounds) to train for."),
     seed: int = typer.Option(0, help="Seed of PPO and the environments."),
+    curves: Path = typer.Option(None, help="Learning-curve file (default: the kit's measured one)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the training summary as the last line."),
 ) -> None:
@@ -88,7 +89,8 @@ def train_command(
     try:
         _check_positive(timesteps=timesteps)
         fleet = load_fleet(fleet_profile)
-        summary = train_policy(fleet, out, TrainSettings(timesteps=timesteps, seed=seed), force=force)
+        summary = train_policy(fleet, out, TrainSettings(timesteps=timesteps, seed=seed), force=force,
+                               **({"curves": curves} if curves else {}))
     except DeftError as exc:
         raise _fail(exc) from None
     _say(f"policy written to {out} ({summary['timesteps']} steps in {summary['train_s']} s)")

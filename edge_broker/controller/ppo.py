@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from device_runtime.errors import DeftError
-from edge_broker.controller.curves import CURVES_FILE
+from edge_broker.controller.curves import CURVES_FILE, load_curves
 from edge_broker.controller.env import FleetEnv
 from edge_broker.controller.fleet import FleetProfile
 
@@ -90,6 +90,7 @@ def train_policy(fleet: FleetProfile, out: Path, settings: TrainSettings, *, cur
 
     if out.exists() and not force:
         raise PolicyError(f"{out} already exists; pass --force to replace it or choose another --out")
+    load_curves(curves)  # a missing or malformed file is refused before any training
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     venv = make_vec_env(lambda: FleetEnv(fleet, str(curves)), n_envs=settings.n_envs, seed=settings.seed)
