@@ -55,6 +55,7 @@ class RoundController:
         self.accuracy, self.last_gain, self.time_used = self.env.initial_accuracy, 0.0, 0.0
         self.last_s, self.last_took = np.zeros(n), np.zeros(n, dtype=bool)
         self.round = 0
+        self._predicted = None
 
     def set_accuracy(self, accuracy: float | None) -> None:
         if accuracy is not None:
@@ -117,6 +118,10 @@ class RoundController:
     def observe(self, accuracy: float | None) -> None:
         """After the round closed: the measured accuracy and the predicted times move the state on."""
         p = self._predicted
+        if p is None:  # a round opened before a restart: only the accuracy is known
+            self.set_accuracy(accuracy)
+            self.round += 1
+            return
         new = self.accuracy + p.gain if accuracy is None else float(accuracy)
         self.last_gain, self.accuracy = new - self.accuracy, new
         self.time_used += p.latency_s
