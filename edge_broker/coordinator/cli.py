@@ -68,6 +68,10 @@ def serve_command(
     cost_table: Path = typer.Option(None, help="Per-block cost table from `deft hw profile` (default: an estimate)."),
     total_bandwidth: float = typer.Option(20e6, help="Uplink bandwidth the fleet shares, Hz (joint allocation)."),
     max_packet_size: int = typer.Option(None, help="The broker's packet limit if it cannot announce it (MQTT 3.1.1)."),
+    controller: Path = typer.Option(None, help="FedPEAT: a PPO policy (`deft edge controller train`) picks each "
+                                    "round's devices, emulator variants and local steps."),
+    variant: list[str] = typer.Option([], help="LAYOUT=BUNDLE_DIR (repeatable): the emulator variant bundles the "
+                                      "controller chooses among, e.g. 1,1,1=bundles/emu111."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON line at the end."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
     web: bool = typer.Option(False, "--web", help="Also serve the browser device page (device_web/) for phones."),
@@ -141,12 +145,19 @@ def _coordinator(o: dict):
     same = ("broker", "username", "fleet", "bundle", "workdir", "rounds", "min_devices", "min_updates", "quorum",
             "strategy", "clip_norm", "max_update_bytes", "eval_data", "model", "eval_bundle", "cost_table",
             "total_bandwidth", "max_packet_size")
+    variants = {}
+    for kv in o["variant"]:
+        layout, sep, path = kv.partition("=")
+        if not sep or not path:
+            raise CoordinatorError(f"--variant {kv!r}: give LAYOUT=BUNDLE_DIR, e.g. --variant 1,2,1=bundles/emu121")
+        variants[layout.strip()] = Path(path)
     try:
         cfg = CoordinatorConfig(
             **{k: o[k] for k in same}, password=_password(o["password"], o["accounts"], o["username"]),
             devices=[d.strip() for d in o["devices"].split(",") if d.strip()] or None,
             wait_devices_s=o["wait_devices"], deadline_s=o["deadline"], strategy_params=params, hyperparams=hp,
-            encoding=o["encoding"].value, allocation=o["allocation"].value if o["allocation"] else None)
+            encoding=o["encoding"].value, allocation=o["allocation"].value if o["allocation"] else None,
+            controller=o["controller"], controller_variants=variants)
     except ValidationError as exc:
         raise CoordinatorError("{}: {}".format(*first_error(exc, "config"))) from None
     return Coordinator(cfg)

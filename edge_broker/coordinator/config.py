@@ -67,11 +67,17 @@ class CoordinatorConfig(BaseModel):
     total_bandwidth: float = Field(20e6, gt=0)
     #: local steps per round the allocator assumes when the task gives epochs, not steps
     plan_steps: int = Field(100, ge=1)
+    #: FedPEAT round controller: a PPO policy directory (`deft edge controller train`) picks each round's
+    #: devices, emulator variants and local steps; the variant bundles by layout (the bundle is its own)
+    controller: Path | None = None
+    controller_variants: dict[str, Path] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorConfig:
         if self.devices is not None and self.min_devices > len(self.devices):
             raise ValueError(f"min_devices={self.min_devices} but only {len(self.devices)} devices are listed")
+        if self.controller is not None and self.allocation is not None:
+            raise ValueError("--controller and --allocation both plan the round; use one of them")
         return self
 
     @property

@@ -137,6 +137,16 @@ class DeviceProcesses:
             log.close()
 
 
+def stop_run(coord, devices: DeviceProcesses, broker) -> None:
+    """Stop a loopback run's coordinator loop, device processes and broker (in that order)."""
+    if coord is not None:
+        coord.stop_requested = True
+    devices.stop()
+    if coord is not None:
+        coord.close()
+    broker.stop()
+
+
 def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[dict], None]) -> dict:
     from edge_broker.broker import make_accounts, start_broker
     from edge_broker.coordinator.config import CoordinatorConfig
@@ -198,14 +208,9 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
         say(f"started {opts.devices} device processes (logs in {opts.workdir / 'logs'})")
         report = coord.run()
     finally:
-        if coord is not None:
-            coord.stop_requested = True
-        devices.stop()
-        if coord is not None:
-            coord.close()
         if page is not None:
             page.stop()
-        broker.stop()
+        stop_run(coord, devices, broker)
     report.update(broker=broker.kind, wall_s=round(time.perf_counter() - t0, 1), devices=opts.devices,
                   rows_per_device=opts.rows_per_device, emulator=opts.emulator, bundle_dir=str(bundle),
                   bundle_bytes=coord.bundles.bytes_sent if coord is not None else 0)
