@@ -25,22 +25,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from device_runtime.bundle.manifest import DistillSettings
 from export.architectures import Architecture, get_module
 
 #: ``on_step(step, total_steps, kd_loss)`` after every optimizer step
 StepCallback = Callable[[int, int, float], None]
 #: the teacher's outputs are kept per row when they fit in this many bytes (float32)
 TEACHER_CACHE_BYTES = 512 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    steps: int
-    lr: float
-    batch_size: int
-    max_length: int
-    warmup_steps: int
-    seed: int
 
 
 @dataclass
