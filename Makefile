@@ -6,11 +6,15 @@ ORT_TRAINING_VENV ?= .venv-ort-training
 # the aarch64 userland and wheels of `make test-arm` (built once, reused), and the host fixtures
 ARM_DIR ?= .arm
 PIP_FLAGS ?= -q --disable-pip-version-check
+# pytest-xdist processes for the main suite (its exports are single-threaded Python: one per core)
+TEST_WORKERS ?= 2
+# tiny models and bundles exported once per code version, shared by every suite's processes (tests/_models.py)
+export DEFT_TEST_CACHE ?= $(abspath .test-cache)
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm test-pythons web test-web-minilm bench lint clean
+.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training arm-setup test-arm test-pythons web test-web-minilm bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -42,12 +46,11 @@ demo: install
 	$(VENV)/bin/deft demo
 
 test: install install-device install-ort-training web
-	$(VENV)/bin/python -m pytest tests -q
-	DEFT_DEVICE_ONLY=1 $(DEVICE_VENV)/bin/python -m pytest tests/device_only tests/arm -q
-	DEFT_ORT_TRAINING=1 $(ORT_TRAINING_VENV)/bin/python -m pytest tests/ort_training -q
+	$(VENV)/bin/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadscope
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-device test-ort-training
 
 test-fast: install
-	$(VENV)/bin/python -m pytest tests -q -m "not slow"
+	$(VENV)/bin/python -m pytest tests -q -m "not slow" -n $(TEST_WORKERS) --dist loadscope
 
 test-ort-training: install-ort-training
 	DEFT_ORT_TRAINING=1 $(ORT_TRAINING_VENV)/bin/python -m pytest tests/ort_training -q
@@ -58,8 +61,10 @@ test-device: install-device
 # The device tests of tests/arm on an emulated aarch64 CPU (qemu-user): an arm64 Debian Python with
 # aarch64 wheels of the `device` extra runs them; the host writes what they compare against first.
 # Needs `apt-get install qemu-user-static mmdebstrap` (and mosquitto for the MQTT test).
-test-arm: install
+arm-setup: install
 	DEFT_ARM_DIR=$(ARM_DIR) $(VENV)/bin/python -m tests.arm.emulator setup
+
+test-arm: arm-setup
 	rm -rf $(ARM_DIR)/fixtures
 	$(VENV)/bin/python -m tests.arm.make_fixtures $(ARM_DIR)/fixtures
 	DEFT_ARM_DIR=$(ARM_DIR) DEFT_ARM_FIXTURES=$(abspath $(ARM_DIR))/fixtures DEFT_EXPORT_PYTHON=$(VENV)/bin/python \
@@ -93,4 +98,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) .venv-py3.* .pytest_cache .hypothesis device_web/dist
+	rm -rf $(VENV) $(DEVICE_VENV) $(ORT_TRAINING_VENV) $(ARM_DIR) $(DEFT_TEST_CACHE) .venv-py3.* .pytest_cache .hypothesis device_web/dist

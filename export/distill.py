@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from device_runtime.bundle.manifest import DistillSettings
 from export.architectures import Architecture, get_module
 from export.emulator_width import narrow_blocks
 
@@ -32,16 +33,6 @@ from export.emulator_width import narrow_blocks
 StepCallback = Callable[[int, int, float], None]
 #: the teacher's outputs are kept per row when they fit in this many bytes (float32)
 TEACHER_CACHE_BYTES = 512 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    steps: int
-    lr: float
-    batch_size: int
-    max_length: int
-    warmup_steps: int
-    seed: int
 
 
 @dataclass

@@ -46,7 +46,7 @@ def distill_emulator(model: torch.nn.Module, arch: Architecture, spec: EmulatorS
     data_sha = file_sha256(d.data)
     key = distill_cache.cache_key(
         distill_cache.tensors_sha256(list(backbone(model, arch).state_dict().items())), layout, data_sha,
-        {**settings.__dict__, "text_column": d.text_column})
+        {**settings.model_dump(), "text_column": d.text_column})
     cache_dir = Path(d.cache_dir) if d.cache_dir else distill_cache.default_cache_dir()
     result = distill_cache.load(cache_dir, key)
     if result is None:
@@ -58,9 +58,7 @@ def distill_emulator(model: torch.nn.Module, arch: Architecture, spec: EmulatorS
     blocks = get_module(model, arch.blocks_path)
     narrow_blocks([blocks[i] for i in middle], arch, emu.middle_width)  # the student's shapes
     torch.nn.ModuleList([blocks[i] for i in middle]).load_state_dict(result.state)
-    record = DistillSpec(data=str(d.data), data_sha256=data_sha, rows=result.rows, steps=settings.steps,
-                         lr=settings.lr, batch_size=settings.batch_size, max_length=settings.max_length,
-                         warmup_steps=settings.warmup_steps, seed=settings.seed,
+    record = DistillSpec(data=str(d.data), data_sha256=data_sha, rows=result.rows, **settings.model_dump(),
                          kd_loss_initial=result.kd_loss_initial, kd_loss_final=result.kd_loss_final, key=key)
     return spec.model_copy(update={"distillation": record})
 

@@ -59,19 +59,24 @@ class TensorSpec(_Strict):
         return n
 
 
-class DistillSpec(_Strict):
-    """How an emulator's middle blocks were distilled from the full model's (Offsite-Tuning), so a
-    user can tell a distilled emulator from a layer-dropped one and repeat the run."""
+class DistillSettings(_Strict):
+    """The knobs of an emulator distillation run (``export.distill.distill_middle`` takes them)."""
 
-    data: str
-    data_sha256: str
-    rows: int
     steps: int
     lr: float
     batch_size: int
     max_length: int
     warmup_steps: int
     seed: int
+
+
+class DistillSpec(DistillSettings):
+    """How an emulator's middle blocks were distilled from the full model's (Offsite-Tuning), so a
+    user can tell a distilled emulator from a layer-dropped one and repeat the run (with its settings)."""
+
+    data: str
+    data_sha256: str
+    rows: int
     #: normalised KD loss on the last middle block's output, first and last logged value
     kd_loss_initial: float
     kd_loss_final: float

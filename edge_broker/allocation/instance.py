@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from device_runtime.errors import DeftError
+from device_runtime.errors import DeftError, existing_file
 
 LN2 = math.log(2.0)
 
@@ -104,11 +104,8 @@ class Instance(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> Instance:
-        p = Path(path)
-        if not p.is_file():
-            raise InstanceError(
-                f"instance file {p} not found; pass a JSON file with devices, blocks and noise"
-            )
+        p = existing_file(path, InstanceError,
+                          "instance file {path} not found; pass a JSON file with devices, blocks and noise")
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as exc:
