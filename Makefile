@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm bench lint clean
+.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training test-arm test-scale bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -64,6 +64,11 @@ test-arm: install
 	$(VENV)/bin/python -m tests.arm.make_fixtures $(ARM_DIR)/fixtures
 	DEFT_ARM_DIR=$(ARM_DIR) DEFT_ARM_FIXTURES=$(abspath $(ARM_DIR))/fixtures DEFT_EXPORT_PYTHON=$(VENV)/bin/python \
 		$(VENV)/bin/python -m tests.arm.emulator pytest tests/arm -q
+
+# The billion-parameter check (tests/scale, skipped elsewhere): a 1.1B Llama-shaped decoder's emulator
+# exported, trained by the device environment within 2 GB, plugged into the full model. Slow (see README).
+test-scale: install install-device
+	DEFT_SCALE=1 DEFT_DEVICE_PYTHON=$(abspath $(DEVICE_VENV))/bin/python $(VENV)/bin/python -m pytest tests/scale -q
 
 bench: install
 	$(VENV)/bin/python bench/export_bench.py

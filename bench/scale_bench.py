@@ -96,18 +96,15 @@ def stage_score(model: str, bundle: str, adapter: str, data: str, limit: int) ->
             "score_peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
-def _last_json(proc: subprocess.CompletedProcess, what: str) -> dict:
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
-
-
 def run(cmd: list[str], what: str, timeout: float = 7200) -> dict:
+    """Run one stage; its stderr (progress, errors) passes through, its last stdout JSON line is the result."""
     print(f"[scale] {what}", file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    return _last_json(proc, what)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}; its stderr is above): {proc.stdout[-2000:]}")
+    return json.loads(lines[-1])
 
 
 def stage(name: str, *args: str) -> dict:
@@ -242,6 +239,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8, help="training rows (the first N of the data file)")
     ap.add_argument("--out", type=Path, default=RESULTS / "scale_bench.json")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--keep-rows", type=Path, help="a JSON this bench wrote: its rows are kept, not measured again")
     args = ap.parse_args()
     if args.stage:
         fn = {"export": stage_export, "score": stage_score}[args.stage]
@@ -254,11 +252,14 @@ def main() -> None:
         result = {"machine": here.model_dump(mode="json"), "settings": {k: str(v) for k, v in vars(args).items()},
                   "rows": []}
         result["settings"] |= {"batch": args.batch, "seq": args.seq}
+        if args.keep_rows is not None:
+            result["rows"] = json.loads(args.keep_rows.read_text())["rows"]
+        done = {(r["model"], r["frozen_dtype"]) for r in result["rows"]}
         work = Path(tempfile.mkdtemp(prefix="deft-scale-bench-"))
         try:
             for kind in args.models.split(","):
                 dtypes = args.frozen_dtypes.split(",") if kind != "minilm" else ["float32"]
-                for dt in dtypes:
+                for dt in [d for d in dtypes if (kind, d) not in done]:
                     result["rows"].append(bench_row(kind, dt, args, work, here))
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(result, indent=1))
