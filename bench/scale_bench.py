@@ -104,6 +104,7 @@ def run(cmd: list[str], what: str, timeout: float = 7200) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}; its stderr is above): {proc.stdout[-2000:]}")
+    print(f"[scale] {what}: {lines[-1]}", file=sys.stderr, flush=True)
     return json.loads(lines[-1])
 
 
