@@ -179,8 +179,8 @@ def export_bundle(
             step_spec = StepSpec(external={
                 STEP_GRAPH: onnx_graph.strip_weights(step_graph, shapes, locate),
                 EVAL_GRAPH: onnx_graph.strip_weights(eval_graph, shapes, locate)})
-            for graph in (step_graph, eval_graph):
-                frozen_storage.cast_per_use(graph, frozen, cfg.frozen_dtype)
+            for name, graph in ((STEP_GRAPH, step_graph), (EVAL_GRAPH, eval_graph)):
+                frozen_storage.cast_per_use(graph, frozen & set(step_spec.external[name]), cfg.frozen_dtype)
             onnx.save(step_graph, str(tmp / STEP_GRAPH))
             onnx.save(eval_graph, str(tmp / EVAL_GRAPH))
         else:
@@ -203,7 +203,7 @@ def export_bundle(
         # the inference graph takes its weights from the bundle's weights at load time: shipped once, not twice
         external = onnx_graph.strip_weights(infer_graph, shapes, locate)
         if cfg.format == "step":
-            frozen_storage.cast_per_use(infer_graph, frozen, cfg.frozen_dtype)
+            frozen_storage.cast_per_use(infer_graph, frozen & set(external), cfg.frozen_dtype)
         onnx.save(infer_graph, str(tmp / "inference.onnx"))
 
         block_params = {i: 0 for i in range(len(spec.layer_map))}

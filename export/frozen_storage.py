@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 #: storage dtype name (manifest ``frozen_dtype``) -> numpy dtype and ONNX element type
 STORAGE = {"float32": (np.float32, onnx.TensorProto.FLOAT), "float16": (np.float16, onnx.TensorProto.FLOAT16)}
@@ -50,7 +50,10 @@ def cast_per_use(model: onnx.ModelProto, names: Iterable[str], dtype: str) -> in
     g = model.graph
     inits = {t.name: t for t in g.initializer if t.name in set(names) and t.data_type == onnx.TensorProto.FLOAT}
     for t in inits.values():
-        t.data_type = elem
+        if t.data_location == onnx.TensorProto.EXTERNAL:  # the bytes in weights.safetensors are already dtype
+            t.data_type = elem
+        else:  # bytes held in the graph: convert them too
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(STORAGE[dtype][0]), t.name))
     nodes: list[onnx.NodeProto] = []
     count = 0
     for node in g.node:
@@ -72,7 +75,7 @@ def cast_per_use(model: onnx.ModelProto, names: Iterable[str], dtype: str) -> in
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
-    for vi in g.value_info:  # shape inference may have recorded the old float32 type of an initializer
+    for vi in [*g.value_info, *g.input]:  # the old float32 type of an initializer, where recorded
         if vi.name in inits:
             vi.type.tensor_type.elem_type = elem
     return count
