@@ -92,7 +92,8 @@ def weight_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def _load(source: str, cfg: ExportConfig) -> tuple[torch.nn.Module, Architecture, EmulatorSpec | None]:
     """The model to export; an emulator without distillation reads only the blocks it keeps."""
-    if cfg.emulator is not None and cfg.distill is None:
+    # opt-in with float16 storage until its parity test passes (it failed its first run, undiagnosed)
+    if cfg.emulator is not None and cfg.distill is None and cfg.frozen_dtype != "float32":
         arch = architecture_for(load_config(source).model_type, cfg.task)
         spec = emulator_spec(load_config(source), arch, cfg)
         partial = load_emulator_blocks(source, cfg, spec.layer_map)
