@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training arm-setup test-arm test-pythons web test-web-minilm bench lint clean
+.PHONY: install install-device install-ort-training demo test test-fast test-device test-ort-training arm-setup test-arm test-pythons test-scale web test-web-minilm bench lint clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -90,6 +90,11 @@ web:
 # The MiniLM browser round (minutes: export, 93 MB bundle over MQTT, ORT-web training in headless Chromium).
 test-web-minilm: install web
 	DEFT_WEB_MINILM=1 $(VENV)/bin/python -m pytest tests/test_web_device.py -q -k minilm -s
+
+# The billion-parameter check (tests/scale, skipped elsewhere): a 1.1B Llama-shaped decoder's emulator
+# exported, trained by the device environment within 2 GB, plugged into the full model. Slow (see README).
+test-scale: install install-device
+	DEFT_SCALE=1 DEFT_DEVICE_PYTHON=$(abspath $(DEVICE_VENV))/bin/python $(VENV)/bin/python -m pytest tests/scale -q
 
 bench: install
 	$(VENV)/bin/python bench/export_bench.py

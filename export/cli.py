@@ -98,6 +98,9 @@ def export_command(
                             help="step (default: one standard ONNX graph per training step, plain onnxruntime "
                                  "trains it) or ort-training (ONNX Runtime training artifacts; needs "
                                  "onnxruntime-training in this environment)."),
+    frozen_dtype: str = typer.Option("float32", "--frozen-dtype",
+                                     help="Storage of the frozen weights: float32 or float16 (half the bundle and "
+                                          "the device's weight memory; computation stays float32)."),
     seed: int = typer.Option(0, "--seed", help="Seed for new weights (head, LoRA A)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
@@ -115,7 +118,7 @@ def export_command(
                     dropout=dropout, lora_dropout=lora_dropout,
                     num_virtual_tokens=prompt_tokens, trainable_blocks=_ints(trainable_blocks, "--trainable-blocks"),
                     emulator=emu, max_length=max_length, quantize_inference=quantize, format=fmt,
-                    seed=seed)
+                    seed=seed, frozen_dtype=frozen_dtype)
         if rank_schedule is not None:
             if ranks is not None:
                 raise ExportError("give either --lora-ranks or --rank-schedule, not both")

@@ -91,6 +91,9 @@ class ExportConfig(BaseModel):
     #: ``step``: one standard ONNX graph per training step (plain onnxruntime trains it, the default);
     #: ``ort-training``: ONNX Runtime training artifacts, for runtimes with the training API
     format: Literal["step", "ort-training"] = "step"
+    #: storage dtype of the frozen weights in ``weights.safetensors``; ``float16`` halves the bundle and
+    #: the device's weight memory, computation stays float32 (``export/frozen_storage.py``)
+    frozen_dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("emulator", mode="before")
     @classmethod
@@ -132,6 +135,9 @@ class ExportConfig(BaseModel):
         if self.distill is not None and (self.emulator is None or self.emulator.middle == 0):
             raise ExportError("--distill-data distils an emulator's middle blocks: give --emulator FIRST,MIDDLE,LAST "
                               "with MIDDLE >= 1 (e.g. --emulator 1,2,1)")
+        if self.frozen_dtype != "float32" and self.format != "step":
+            raise ExportError(f"--frozen-dtype {self.frozen_dtype} needs the step format (drop --format {self.format} "
+                              "or use --frozen-dtype float32)")
         if self.task == "seq-cls":
             if self.labels is not None and len(self.labels) < 2:
                 raise ExportError("--labels needs at least two names, e.g. --labels negative,positive")

@@ -174,6 +174,9 @@ class Manifest(_Strict):
     optimizer: Literal["adamw"] = "adamw"
     #: the training graph applies the model's dropout (and LoRA dropout); the eval graph never does
     dropout: bool = False
+    #: storage dtype of the frozen weights in ``weights.safetensors`` (trainable tensors are always
+    #: float32); ``float16``: the graphs cast each use to float32 (``export/frozen_storage.py``)
+    frozen_dtype: Literal["float32", "float16"] = "float32"
     #: initializers of ``inference.onnx`` that carry no bytes there: ONNX Runtime is given them from
     #: the checkpoint at load time (``device_runtime.inference``). Empty: the graph holds its weights
     inference_external: list[str] = Field(default_factory=list)
