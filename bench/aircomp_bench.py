@@ -3,7 +3,7 @@ and in the real federated pipeline.
 
 1. **mse**: Monte-Carlo aggregation MSE against the closed forms of ``edge_broker/channel/aircomp.py``
    over SNR (cell-edge, dB), K devices and truncation thresholds g_th: i.i.d. unit-variance values,
-   200,000 per point (100,000 complex symbols), the noise MSE against the mean over the transmitting
+   100,000 per point (50,000 complex symbols), the noise MSE against the mean over the transmitting
    devices and the total MSE against the mean over all K;
 2. **latency**: simulated uplink latency of one round, air vs the digital OFDMA baseline (each device at
    its Shannon rate on a 1/K share of the band, int8 payload) vs K, for the demo's 74,498-value update
@@ -62,7 +62,7 @@ def mc_point(k: int, snr_db: float, g_th: float, values: int, seed: int) -> dict
             "max_power_ratio": float(rec.tx_power.max() / p0)}
 
 
-def run_mse(values: int = 200_000) -> list[dict]:
+def run_mse(values: int = 100_000) -> list[dict]:
     return [mc_point(k, s, g, values, seed=0) for g in (0.1, 0.5) for k in (2, 4, 10, 20)
             for s in (-10, 0, 10, 20, 30)]
 
