@@ -15,6 +15,7 @@ from device_runtime.choices import choices
 from device_runtime.errors import DeftError, first_error
 from device_runtime.payload import ENCODINGS
 from device_runtime.protocol.topics import DEFAULT_FLEET
+from edge_broker.channel import cli as ch
 from edge_broker.coordinator.config import AllocationMethod
 
 EncodingChoice = choices("EncodingChoice", ENCODINGS)
@@ -72,6 +73,9 @@ def serve_command(
                                     "round's devices, emulator variants and local steps."),
     variant: list[str] = typer.Option([], help="LAYOUT=BUNDLE_DIR (repeatable): the emulator variant bundles the "
                                       "controller chooses among, e.g. 1,1,1=bundles/emu111."),
+    channel: ch.ChannelChoice = ch.CHANNEL, snr_db: float = ch.SNR_DB, truncation: float = ch.TRUNCATION,
+    subchannels: int = ch.SUBCHANNELS, cell_radius: float = ch.CELL_RADIUS, path_loss_exponent: float = ch.PATH_LOSS,
+    channel_seed: int = ch.CHANNEL_SEED,
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON line at the end."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
     web: bool = typer.Option(False, "--web", help="Also serve the browser device page (device_web/) for phones."),
@@ -157,7 +161,9 @@ def _coordinator(o: dict):
             devices=[d.strip() for d in o["devices"].split(",") if d.strip()] or None,
             wait_devices_s=o["wait_devices"], deadline_s=o["deadline"], strategy_params=params, hyperparams=hp,
             encoding=o["encoding"].value, allocation=o["allocation"].value if o["allocation"] else None,
-            controller=o["controller"], controller_variants=variants)
+            controller=o["controller"], controller_variants=variants,
+            channel=ch.channel_config(o["channel"], o["snr_db"], o["truncation"], o["subchannels"], o["cell_radius"],
+                                      o["path_loss_exponent"], o["channel_seed"]))
     except ValidationError as exc:
         raise CoordinatorError("{}: {}".format(*first_error(exc, "config"))) from None
     return Coordinator(cfg)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from device_runtime.errors import DeftError
 from device_runtime.payload import Encoding
 from device_runtime.protocol.topics import DEFAULT_FLEET
+from edge_broker.channel.config import ChannelConfig
 
 #: how ``--allocation`` matches devices to blocks (``edge_broker.allocation``)
 AllocationMethod = Literal["crunch", "joint", "greedy", "random", "equal"]
@@ -71,6 +72,8 @@ class CoordinatorConfig(BaseModel):
     #: devices, emulator variants and local steps; the variant bundles by layout (the bundle is its own)
     controller: Path | None = None
     controller_variants: dict[str, Path] = Field(default_factory=dict)
+    #: the simulated uplink the updates are aggregated through (ideal: none; aircomp: over the air)
+    channel: ChannelConfig = Field(default_factory=ChannelConfig)
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorConfig:
@@ -78,6 +81,9 @@ class CoordinatorConfig(BaseModel):
             raise ValueError(f"min_devices={self.min_devices} but only {len(self.devices)} devices are listed")
         if self.controller is not None and self.allocation is not None:
             raise ValueError("--controller and --allocation both plan the round; use one of them")
+        if self.channel.kind == "aircomp" and (self.strategy in ("median", "trimmed_mean") or self.allocation):
+            raise ValueError("over-the-air aggregation hears only the mean of all devices' whole updates: "
+                             "use --strategy fedavg or fedadam and no --allocation with --channel aircomp")
         return self
 
     @property

@@ -29,6 +29,7 @@ from device_runtime.payload import BYTES_PER_VALUE
 from device_runtime.protocol import Envelope, ProtocolError, Task, Topics, to_envelope
 from device_runtime.weights import initial_tensors
 from edge_broker.aggregation import get_strategy
+from edge_broker.channel.step import make_channel
 from edge_broker.coordinator.bundle_server import BundleServer
 from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
 from edge_broker.coordinator.evaluation import Evaluations, plug_in_and_report
@@ -67,6 +68,8 @@ class Coordinator:
         self.watchdog: Callable[[], str | None] | None = None
         #: the seam between "updates received" and "aggregate" (see edge_broker.coordinator.updates)
         self.update_transforms: list[UpdateTransform] = []
+        #: what the edge hears of the updates (None: exactly what it received; see edge_broker.channel)
+        self.channel = make_channel(cfg.channel.model_copy(update={"digital_bits": 8 * BYTES_PER_VALUE[cfg.encoding]}))
         self.policy = ClosePolicy(min_updates=cfg.min_updates, quorum=cfg.quorum,
                                   max_extensions=cfg.max_deadline_extensions, deadline_s=cfg.deadline_s)
         self._planner = None
@@ -287,7 +290,7 @@ class Coordinator:
             from edge_broker.controller.variants import rename_updates
 
             transforms.insert(0, lambda ups: rename_updates(ups, rec.config["tensor_names"]))
-        new, summary = aggregate_round(self.store, rules, self.strategy, g, transforms)
+        new, summary = aggregate_round(self.store, rules, self.strategy, g, transforms, self.channel)
         result: dict[str, Any] = {"round": r, "selected": list(state.selected), "missing": state.pending,
                                   "deadline_hit": verdict is Verdict.DEADLINE, "accepted": len(summary["devices"]),
                                   "rejected": dict(self.stats.rejected), "duplicates": self.stats.duplicates,

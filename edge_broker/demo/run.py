@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_broker.channel.config import ChannelConfig
 from edge_broker.demo.shards import label_skewed_shards, read_labelled_tsv, write_tsv
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "sst2"
@@ -54,6 +55,7 @@ class DemoOptions:
     #: browser devices (device_web/ pages, e.g. phones) the round also waits for: `deft demo --web-devices N`
     web_devices: int = 0
     web_port: int = 8080
+    channel: ChannelConfig = field(default_factory=ChannelConfig)
     extra: dict = field(default_factory=dict)
 
 
@@ -189,7 +191,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
             deadline_s=opts.deadline_s, strategy=opts.strategy, encoding=opts.encoding,  # type: ignore[arg-type]
             hyperparams={"epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed},
             eval_data=opts.eval_data, model=opts.model, eval_bundle=opts.emulator,
-            report_dir=opts.workdir / "report",
+            report_dir=opts.workdir / "report", channel=opts.channel,
             max_packet_size=broker.client_options().get("max_packet_size"))
         opts.extra["max_packet_size"] = cfg.max_packet_size
         coord = Coordinator(cfg, on_event=on_event)
