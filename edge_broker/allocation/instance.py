@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ class Block(_Strict):
     update_bytes: float = Field(ge=0, allow_inf_nan=False, description="bytes uploaded for this block")
 
 
+
+def repeated(ids: Iterable[str]) -> list[str]:
+    """The ids that occur more than once, sorted: for one-line "ids must be unique" errors."""
+    seen = list(ids)
+    return sorted({i for i in seen if seen.count(i) > 1})
+
 class Instance(_Strict):
     """Devices, blocks and the shared uplink."""
 
@@ -73,9 +80,7 @@ class Instance(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Instance:
-        ids = [d.id for d in self.devices]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
+        if dup := repeated(d.id for d in self.devices):
             raise ValueError(f"device ids must be unique; repeated: {', '.join(dup)}")
         depths = [b.depth for b in self.blocks]
         if len(set(depths)) != len(depths):

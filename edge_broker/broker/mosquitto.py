@@ -44,8 +44,10 @@ class TLSListener:
     """An mqtts:// listener. With ``require_client_cert`` the certificate's CN becomes the user name."""
 
     port: int
+    #: PEM server certificate and its private key
     certfile: str
     keyfile: str
+    #: PEM CA bundle that client certificates are checked against (with ``require_client_cert``)
     cafile: str | None = None
     require_client_cert: bool = False
 

@@ -61,9 +61,9 @@ class FleetProfile(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> FleetProfile:
-        ids = [d.id for d in self.devices]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
+        from edge_broker.allocation.instance import repeated
+
+        if dup := repeated(d.id for d in self.devices):
             raise ValueError(f"device ids must be unique (repeated: {', '.join(dup)})")
         if any(s <= 0 for s in self.steps) or self.steps != sorted(set(self.steps)):
             raise ValueError("steps must be positive, unique and increasing")

@@ -28,8 +28,10 @@ class PolicyError(DeftError, ValueError):
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: total environment steps of PPO training, and its seed
     timesteps: int = 150_000
     seed: int = 0
+    #: parallel environments, and steps each collects per PPO update
     n_envs: int = 8
     n_steps: int = 256
     batch_size: int = 256

@@ -31,9 +31,12 @@ class DeviceModel:
 
     id: str
     board: str
+    #: the most peak RSS a layout may need on this device (more: the device fails its round)
     memory_budget_mb: float
+    #: seconds per local step and per upload, one entry per layout (measured costs scaled to the board)
     step_s: tuple[float, ...]
     upload_s: tuple[float, ...]
+    #: per-round probabilities: an online device stays online; an offline one comes back
     stay_online: float
     come_back: float
 
@@ -70,10 +73,13 @@ class Choice:
 
 @dataclass(frozen=True)
 class RoundOutcome:
+    #: the global model's accuracy after the round and what the round added
     accuracy: float
     gain: float
+    #: the round's wall time: the slowest participant's compute + upload, plus the round overhead
     latency_s: float
     participants: tuple[str, ...]
+    #: participants whose layout did not fit their memory budget
     failed: tuple[str, ...]
     device_s: dict[str, float]
     reward: float
