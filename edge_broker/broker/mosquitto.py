@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from device_runtime.protocol.topics import DEFAULT_FLEET, ROOT, VERSION_SEGMENT, acl_patterns, check_id
 from edge_broker.broker.base import Account, BrokerError, ProcessBroker, wait_port
 
@@ -39,16 +41,15 @@ def _find_passwd_tool(binary: str) -> str:
     return tool
 
 
-@dataclass(frozen=True)
-class TLSListener:
+class TLSListener(BaseModel):
     """An mqtts:// listener. With ``require_client_cert`` the certificate's CN becomes the user name."""
 
-    port: int
-    #: PEM server certificate and its private key
-    certfile: str
-    keyfile: str
-    #: PEM CA bundle that client certificates are checked against (with ``require_client_cert``)
-    cafile: str | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(gt=0, lt=65536)
+    certfile: str = Field(description="PEM server certificate")
+    keyfile: str = Field(description="PEM private key of the server certificate")
+    cafile: str | None = Field(None, description="PEM CA bundle that client certificates are checked against")
     require_client_cert: bool = False
 
 

@@ -86,7 +86,7 @@ class FleetEnv(gym.Env):
                            last_gain=self.last_gain, time_used=self.time_used)
 
     def _stationary_online(self) -> np.ndarray:
-        p = np.array([d.come_back / max(1e-9, d.come_back + 1.0 - d.stay_online) for d in self.devices])
+        p = np.array([d.spec.come_back / max(1e-9, d.spec.come_back + 1.0 - d.spec.stay_online) for d in self.devices])
         return self.np_random.random(len(self.devices)) < p
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -112,6 +112,6 @@ class FleetEnv(gym.Env):
         self.last_s = np.array([out.device_s.get(d.id, 0.0) for d in self.devices])
         self.last_took = np.array([d.id in out.participants for d in self.devices])
         u = self.np_random.random(len(self.devices))
-        stay = np.array([d.stay_online for d in self.devices])
-        back = np.array([d.come_back for d in self.devices])
+        stay = np.array([d.spec.stay_online for d in self.devices])
+        back = np.array([d.spec.come_back for d in self.devices])
         self.online = np.where(self.online, u < stay, u < back)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from device_runtime.errors import DeftError
 from edge_broker.controller.curves import CURVES_FILE, load_curves
@@ -28,16 +28,14 @@ class PolicyError(DeftError, ValueError):
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: total environment steps of PPO training, and its seed
-    timesteps: int = 150_000
-    seed: int = 0
-    #: parallel environments, and steps each collects per PPO update
-    n_envs: int = 8
-    n_steps: int = 256
-    batch_size: int = 256
-    learning_rate: float = 3e-4
-    ent_coef: float = 0.01
-    gamma: float = 0.99
+    timesteps: int = Field(150_000, gt=0, description="total environment steps of PPO training")
+    seed: int = Field(0, ge=0)
+    n_envs: int = Field(8, gt=0, description="parallel environments")
+    n_steps: int = Field(256, gt=0, description="steps each environment collects per PPO update")
+    batch_size: int = Field(256, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    ent_coef: float = Field(0.01, ge=0, description="entropy bonus")
+    gamma: float = Field(0.99, gt=0, le=1, description="discount per round")
     net: tuple[int, ...] = (128, 128)
 
 

@@ -27,21 +27,21 @@ from edge_broker.controller.fleet import FleetDevice, FleetProfile
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """What the environment knows of one device: its budget, per-layout step time and upload time."""
+    """One device as the environment sees it: its fleet entry and its per-layout costs on its board."""
 
-    id: str
+    spec: FleetDevice
+    #: the board profile's id (``spec.board`` may be a path to a .toml profile)
     board: str
-    #: the most peak RSS a layout may need on this device (more: the device fails its round)
-    memory_budget_mb: float
     #: seconds per local step and per upload, one entry per layout (measured costs scaled to the board)
     step_s: tuple[float, ...]
     upload_s: tuple[float, ...]
-    #: per-round probabilities: an online device stays online; an offline one comes back
-    stay_online: float
-    come_back: float
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
 
     def fits(self, layout: int, layouts: list[LayoutCosts]) -> bool:
-        return layouts[layout].peak_rss_mb <= self.memory_budget_mb
+        return layouts[layout].peak_rss_mb <= self.spec.memory_budget_mb
 
     def round_time(self, layout: int, steps: int) -> float:
         return steps * self.step_s[layout] + self.upload_s[layout]
@@ -58,10 +58,8 @@ def device_model(dev: FleetDevice, layouts: list[LayoutCosts], reference: str) -
     k = time_factor(ref, board, source_backend="cpu", target_backend="cpu")
     up = board.uplink
     bits_per_s = float(rate(up.bandwidth_hz, up.tx_power_w * DEFAULT_GAIN / NOISE_W_PER_HZ))
-    return DeviceModel(id=dev.id, board=board.id, memory_budget_mb=dev.memory_budget_mb,
-                       step_s=tuple(x.median_step_s * k for x in layouts),
-                       upload_s=tuple(8.0 * x.trainable_values / bits_per_s for x in layouts),
-                       stay_online=dev.stay_online, come_back=dev.come_back)
+    return DeviceModel(spec=dev, board=board.id, step_s=tuple(x.median_step_s * k for x in layouts),
+                       upload_s=tuple(8.0 * x.trainable_values / bits_per_s for x in layouts))
 
 
 @dataclass(frozen=True)
@@ -73,15 +71,18 @@ class Choice:
 
 @dataclass(frozen=True)
 class RoundOutcome:
+    """What one simulated round did: the accuracy it reached, its time, who took part and the reward."""
+
     #: the global model's accuracy after the round and what the round added
     accuracy: float
     gain: float
-    #: the round's wall time: the slowest participant's compute + upload, plus the round overhead
+    #: each participant's compute + upload seconds, and the round's wall time: the slowest of them plus
+    #: the round overhead
+    device_s: dict[str, float]
     latency_s: float
     participants: tuple[str, ...]
     #: participants whose layout did not fit their memory budget
     failed: tuple[str, ...]
-    device_s: dict[str, float]
     reward: float
 
 

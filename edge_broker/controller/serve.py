@@ -104,7 +104,7 @@ class RoundController:
                 names[d.id] = self.names[layout]
             hyper[d.id] = {**hp, "steps": c.steps, "schedule": "constant"}
             report[d.id] = {"layout": layout, "steps": c.steps, "board": d.board,
-                            "memory_budget_mb": d.memory_budget_mb,
+                            "memory_budget_mb": d.spec.memory_budget_mb,
                             "layout_peak_rss_mb": env.layouts[c.layout].peak_rss_mb,
                             "predicted_s": round(predicted.device_s.get(d.id, 0.0), 2)}
             log.info("controller: %s trains %s for %d steps (predicted %.1f s on %s)", d.id, layout, c.steps,

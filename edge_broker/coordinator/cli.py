@@ -22,6 +22,24 @@ EncodingChoice = choices("EncodingChoice", ENCODINGS)
 Allocation = choices("Allocation", get_args(AllocationMethod))
 
 
+# option groups of `deft edge serve`, named once so that the command's signature stays readable
+ALLOCATION = typer.Option(None, help="LoLa DEFT: crunch or joint matches devices to blocks each round "
+                          "(each device trains a bundle variant with only its blocks trainable).")
+COST_TABLE = typer.Option(None, help="Per-block cost table from `deft hw profile` (default: an estimate).")
+TOTAL_BANDWIDTH = typer.Option(20e6, help="Uplink bandwidth the fleet shares, Hz (joint allocation).")
+CONTROLLER = typer.Option(None, help="FedPEAT: a PPO policy (`deft edge controller train`) picks each round's "
+                          "devices, emulator variants and local steps.")
+VARIANT = typer.Option([], help="LAYOUT=BUNDLE_DIR (repeatable): the emulator variant bundles the controller "
+                       "chooses among, e.g. 1,1,1=bundles/emu111.")
+WEB = typer.Option(False, "--web", help="Also serve the browser device page (device_web/) for phones.")
+WEB_HOST = typer.Option("0.0.0.0", help="Address the page is served on (--web).")
+WEB_PORT = typer.Option(8080, help="Port of the page (--web).")
+WS_URL = typer.Option(None, help="The broker's MQTT-over-WebSockets URL the page connects to "
+                      "(default ws://<this host>:9001; `deft edge broker --ws-port 9001` opens it).")
+WEB_CERT = typer.Option(None, help="Certificate (PEM) to serve the page over HTTPS (phones need it for WASM threads).")
+WEB_KEY = typer.Option(None, help="Its key (PEM).")
+
+
 def _password(password: str | None, accounts: Path | None, user: str) -> str | None:
     if password:  # --password or DEFT_PASSWORD
         return password
@@ -44,8 +62,7 @@ def serve_command(
     username: str = typer.Option("edge", help="The edge's MQTT account."),
     password: str = typer.Option(None, envvar="DEFT_PASSWORD", help="Its password (or --accounts)."),
     accounts: Path = typer.Option(None, help="accounts.json written by `deft edge broker` (password lookup)."),
-    devices: str = typer.Option("",
-                                help="Comma-separated device ids of the fleet (default: any device that says hello)."),
+    devices: str = typer.Option("", help="Comma-separated device ids of the fleet (default: any that says hello)."),
     rounds: int = typer.Option(3, min=1, help="Number of rounds."),
     min_devices: int = typer.Option(1, min=1, help="Start once this many devices said hello."),
     wait_devices: float = typer.Option(300.0, help="Seconds to wait for them."),
@@ -64,28 +81,16 @@ def serve_command(
     eval_data: Path = typer.Option(None, help="Labelled data to score the full model on after each round."),
     model: str = typer.Option(None, help="Full model to plug into (default: the bundle's source model)."),
     eval_bundle: bool = typer.Option(False, help="Also score the bundle (emulator) itself with ONNX Runtime."),
-    allocation: Allocation = typer.Option(None, help="LoLa DEFT: crunch or joint matches devices to blocks each round "
-                                   "(each device trains a bundle variant with only its blocks trainable)."),
-    cost_table: Path = typer.Option(None, help="Per-block cost table from `deft hw profile` (default: an estimate)."),
-    total_bandwidth: float = typer.Option(20e6, help="Uplink bandwidth the fleet shares, Hz (joint allocation)."),
+    allocation: Allocation = ALLOCATION, cost_table: Path = COST_TABLE, total_bandwidth: float = TOTAL_BANDWIDTH,
     max_packet_size: int = typer.Option(None, help="The broker's packet limit if it cannot announce it (MQTT 3.1.1)."),
-    controller: Path = typer.Option(None, help="FedPEAT: a PPO policy (`deft edge controller train`) picks each "
-                                    "round's devices, emulator variants and local steps."),
-    variant: list[str] = typer.Option([], help="LAYOUT=BUNDLE_DIR (repeatable): the emulator variant bundles the "
-                                      "controller chooses among, e.g. 1,1,1=bundles/emu111."),
+    controller: Path = CONTROLLER, variant: list[str] = VARIANT,
     channel: ch.ChannelChoice = ch.CHANNEL, snr_db: float = ch.SNR_DB, truncation: float = ch.TRUNCATION,
     subchannels: int = ch.SUBCHANNELS, cell_radius: float = ch.CELL_RADIUS, path_loss_exponent: float = ch.PATH_LOSS,
     channel_seed: int = ch.CHANNEL_SEED,
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON line at the end."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
-    web: bool = typer.Option(False, "--web", help="Also serve the browser device page (device_web/) for phones."),
-    web_host: str = typer.Option("0.0.0.0", help="Address the page is served on (--web)."),
-    web_port: int = typer.Option(8080, help="Port of the page (--web)."),
-    ws_url: str = typer.Option(None, help="The broker's MQTT-over-WebSockets URL the page connects to "
-                               "(default ws://<this host>:9001; `deft edge broker --ws-port 9001` opens it)."),
-    web_cert: Path = typer.Option(None, help="Certificate (PEM) to serve the page over HTTPS (phones need it "
-                                  "for WASM threads)."),
-    web_key: Path = typer.Option(None, help="Its key (PEM)."),
+    web: bool = WEB, web_host: str = WEB_HOST, web_port: int = WEB_PORT, ws_url: str = WS_URL,
+    web_cert: Path = WEB_CERT, web_key: Path = WEB_KEY,
 ) -> None:
     """Run the rounds: distribute the bundle, collect and validate updates, aggregate, plug in, report."""
     opts = dict(locals())
