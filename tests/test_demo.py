@@ -30,12 +30,16 @@ def _demo(workdir: Path, *extra: str) -> subprocess.Popen:
                             start_new_session=True)  # its own process group: a timeout kills the whole demo
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the demo and every process it started (broker, devices), e.g. after a timeout."""
+def _kill_group(proc: subprocess.Popen, workdir: Path) -> None:
+    """Kill the demo and every process it started, e.g. after a timeout: its process group (devices) and
+    the broker, which runs in a session of its own (so that Ctrl-C reaches the demo, which stops it in order)."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        for line in _leftovers(workdir):
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(int(line.split(":", 1)[0])).kill()
 
 
 class _Lines:
@@ -82,6 +86,9 @@ def demo_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("demo")
 
 
+# generous timeouts: a loaded 2-core machine is several times slower; the 10-minute figure is measured in the
+# README, not asserted here
+@pytest.mark.timeout(1800)
 def test_demo_reaches_80_percent_within_10_minutes_and_shows_the_documented_topics(demo_dir, mosquitto_binary):
     proc = _demo(demo_dir)
     err = _Lines(proc.stderr)
@@ -98,10 +105,9 @@ def test_demo_reaches_80_percent_within_10_minutes_and_shows_the_documented_topi
         sub = subprocess.Popen(["stdbuf", "-oL", sub_bin, "-h", host, "-p", port, "-u", user, "-P", password,
                                 "-t", filt, "-F", "%t", "-i", "test-watcher"], stdout=wf, stderr=subprocess.DEVNULL)
         try:
-            # generous: a loaded CI machine is slower; the 10-minute figure is measured in the README, not here
-            out, _ = proc.communicate(timeout=1500)
+            out, _ = proc.communicate(timeout=1700)
         finally:
-            _kill_group(proc)
+            _kill_group(proc, demo_dir)
             sub.terminate()
             sub.wait(timeout=10)
     watched = watch_file.read_bytes()
@@ -140,11 +146,17 @@ def test_demo_reaches_80_percent_within_10_minutes_and_shows_the_documented_topi
     assert not _leftovers(demo_dir), _leftovers(demo_dir)
 
 
+@pytest.mark.timeout(1200)
 def test_ctrl_c_stops_every_process_the_demo_started(demo_dir):
+    assert not _leftovers(demo_dir)  # nothing of the test above is left to confuse the count
     proc = _demo(demo_dir)  # reuses the bundle exported by the test above
     err = _Lines(proc.stderr)
-    assert err.wait_for("started 4 device processes", timeout=240), "\n".join(err.lines[-20:])
-    assert err.wait_for("round 1", timeout=120)
+    try:
+        assert err.wait_for("started 4 device processes", timeout=600), "\n".join(err.lines[-20:])
+        assert err.wait_for("round 1", timeout=300)
+    except AssertionError:
+        _kill_group(proc, demo_dir)
+        raise
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert len(children) >= 5  # 4 devices + the broker
     proc.send_signal(signal.SIGINT)
@@ -163,7 +175,10 @@ def test_demo_runs_on_the_embedded_broker_when_mosquitto_is_absent(tmp_path):
     """The zero-install path: amqtt speaks MQTT 3.1.1 and cannot announce its packet limit, so the demo
     passes it to every client; the bundle still travels over MQTT in chunks."""
     proc = _demo(tmp_path / "demo", "--broker", "embedded", "--rows", "64", "--rounds", "1", "--devices", "2")
-    out, err = proc.communicate(timeout=600)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        _kill_group(proc, tmp_path / "demo")
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["broker"] == "embedded" and len(summary["accuracy"]) == 1
