@@ -2,7 +2,7 @@
 
 4 device processes (``deft device run``) named after the devices of ``edge_broker/controller/fleets/
 loopback4.json`` (Raspberry Pi 4, Jetson Nano, Raspberry Pi 5, Jetson Orin Nano, with memory budgets of
-450 / 560 / 640 / 2048 MB) each hold a non-IID shard of 2,000 SST-2 rows; the coordinator runs
+380 / 380 / 640 / 2048 MB) each hold a non-IID shard of 2,000 SST-2 rows; the coordinator runs
 ``--controller POLICY`` with the three emulator variants (1,1,1 and 1,2,1 distilled, 1,4,1 the whole
 model) and scores the full model on the 872 validation sentences after each round. The report (stdout,
 last line, and ``bench/results/controller_run.json``) has the controller's per-round choices, each

@@ -71,7 +71,10 @@ def test_learning_curves_reproduce_their_measurements():
         steps, acc = [p["steps"] for p in pts], np.array([p["accuracy"] for p in pts])
         got = accuracy(x.curve, steps)
         assert np.sqrt(np.mean((got - acc) ** 2)) == pytest.approx(x.curve.rmse, abs=1e-9)
-        assert np.max(np.abs(got - acc)) < 0.03, x.layout  # within 3 accuracy points of every measurement
+        # every point within 3 standard errors of its own measurement: each is one training run scored on the
+        # 872 validation sentences, so its binomial standard error alone is ~1.5-1.7 accuracy points
+        se = np.sqrt(acc * (1 - acc) / 872)
+        assert np.all(np.abs(got - acc) < 3 * se), (x.layout, (np.abs(got - acc) / se).round(2))
         refit = fit_curve(steps, acc)
         assert accuracy(refit, steps) == pytest.approx(got, abs=1e-4)
 
