@@ -25,6 +25,7 @@ from device_runtime.bundle.manifest import (
     StepSpec,
     TensorSpec,
 )
+from device_runtime.step_contract import ENSEMBLE_GRAPH
 from device_runtime.weights import safetensors_offsets
 from export import onnx_graph
 from export import step_graph as step_graph_mod
@@ -128,6 +129,13 @@ def export_bundle(
         say("tracing the training step (forward, backward, AdamW)")
         step_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
                                                       dropout=cfg.dropout)
+        ensemble_graph = None
+        if cfg.prompt_pool:
+            say(f"tracing the prompt-ensemble step ({cfg.prompt_pool} pool prompts)")
+            prompt_name = next(s.name for s in specs if s.kind == "prompt")
+            ensemble_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
+                                                              dropout=cfg.dropout, ensemble=cfg.prompt_pool,
+                                                              prompt=prompt_name)
         ir_version, opset = int(step_graph.ir_version), max(cfg.opset, 18)
     else:
         say("exporting training graph")
@@ -148,6 +156,10 @@ def export_bundle(
                 EVAL_GRAPH: onnx_graph.strip_weights(eval_graph, shapes, locate)})
             onnx.save(step_graph, str(tmp / STEP_GRAPH))
             onnx.save(eval_graph, str(tmp / EVAL_GRAPH))
+            if ensemble_graph is not None:
+                step_spec.external[ENSEMBLE_GRAPH] = onnx_graph.strip_weights(ensemble_graph, shapes, locate)
+                step_spec.ensemble_size = cfg.prompt_pool
+                onnx.save(ensemble_graph, str(tmp / ENSEMBLE_GRAPH))
         else:
             say("generating ONNX Runtime training artifacts")
             from export import training_artifacts
@@ -156,7 +168,7 @@ def export_bundle(
             shapes = training_artifacts.checkpoint_shapes(tmp / "checkpoint")
             locate = None
         (tmp / "tokenizer.json").write_text(tok)
-        extras: list[str] = []
+        extras: list[str] = [ENSEMBLE_GRAPH] if cfg.format == "step" and cfg.prompt_pool else []
         if cfg.quantize_inference:
             say("quantizing inference graph to int8")
             from export.quantize import quantize_int8
