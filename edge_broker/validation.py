@@ -141,6 +141,29 @@ def check_tensors(expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], tens
     return None
 
 
+def _decode_from(blob: bytes, *, sender: str, devices: Collection[str], max_bytes: int) -> tuple[Any, Rejection | None]:
+    """The checks every payload from a device passes first, cheapest first: size, a registered sender,
+    a decodable blob with an intact content hash, the sender named in the payload. (Update, None) or
+    (None, rejection)."""
+    from device_runtime.errors import PayloadError
+    from device_runtime.payload import decode_update
+
+    if len(blob) > max_bytes:
+        return None, Rejection(RejectReason.TOO_LARGE, f"{len(blob)} bytes, limit {max_bytes}")
+    if sender not in devices:
+        return None, Rejection(RejectReason.UNKNOWN_DEVICE, f"device {sender!r} is not registered in this fleet")
+    try:
+        upd = decode_update(blob)
+    except PayloadError as exc:
+        return None, Rejection(RejectReason.MALFORMED, str(exc))
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is a malformed payload
+        return None, Rejection(RejectReason.MALFORMED, f"undecodable payload ({type(exc).__name__}: {exc})")
+    if upd.meta.device_id != sender:
+        return None, Rejection(RejectReason.DEVICE_MISMATCH,
+                               f"payload claims device {upd.meta.device_id!r} but was sent by {sender!r}")
+    return upd, None
+
+
 @dataclass
 class CheckedUpdate:
     """A decoded update that passed validation (what the store and aggregation take)."""
@@ -161,23 +184,10 @@ def validate_payload(
     ``sender`` is who the broker says sent it (the topic's device id, which the ACL ties to the
     login); ``round`` the topic's round. Exactly one of the two results is None.
     """
-    from device_runtime.errors import PayloadError
-    from device_runtime.payload import decode_update
-
-    if len(blob) > rules.max_bytes:
-        return None, Rejection(RejectReason.TOO_LARGE, f"{len(blob)} bytes, limit {rules.max_bytes}")
-    if sender not in rules.devices:
-        return None, Rejection(RejectReason.UNKNOWN_DEVICE, f"device {sender!r} is not registered in this fleet")
-    try:
-        upd = decode_update(blob)
-    except PayloadError as exc:
-        return None, Rejection(RejectReason.MALFORMED, str(exc))
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is a malformed payload
-        return None, Rejection(RejectReason.MALFORMED, f"undecodable payload ({type(exc).__name__}: {exc})")
+    upd, rej = _decode_from(blob, sender=sender, devices=rules.devices, max_bytes=rules.max_bytes)
+    if rej is not None:
+        return None, rej
     meta = upd.meta
-    if meta.device_id != sender:
-        return None, Rejection(RejectReason.DEVICE_MISMATCH,
-                               f"payload claims device {meta.device_id!r} but was sent by {sender!r}")
     if round is not None and meta.round != round:
         return None, Rejection(RejectReason.WRONG_ROUND,
                                f"payload says round {meta.round}, sent on round {round}'s topic")
@@ -218,24 +228,16 @@ def validate_prompt(rules: PromptRules, blob: bytes, *, sender: str) -> tuple[Ch
     content hash, bundle, tensors, finite values) plus its description (task, labels). Exactly one of
     the two results is None."""
     from device_runtime.errors import PayloadError
-    from device_runtime.payload import decode_update
     from device_runtime.prompts import prompt_info
 
-    if len(blob) > rules.max_bytes:
-        return None, Rejection(RejectReason.TOO_LARGE, f"{len(blob)} bytes, limit {rules.max_bytes} for a prompt")
-    if sender not in rules.devices:
-        return None, Rejection(RejectReason.UNKNOWN_DEVICE, f"device {sender!r} is not registered in this fleet")
+    upd, rej = _decode_from(blob, sender=sender, devices=rules.devices, max_bytes=rules.max_bytes)
+    if rej is not None:
+        return None, rej
     try:
-        upd = decode_update(blob)
         info = prompt_info(upd)
     except PayloadError as exc:
         return None, Rejection(RejectReason.MALFORMED, str(exc))
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is a malformed payload
-        return None, Rejection(RejectReason.MALFORMED, f"undecodable payload ({type(exc).__name__}: {exc})")
     meta = upd.meta
-    if meta.device_id != sender:
-        return None, Rejection(RejectReason.DEVICE_MISMATCH,
-                               f"payload claims device {meta.device_id!r} but was sent by {sender!r}")
     if meta.bundle_hash != rules.bundle_hash:
         return None, Rejection(RejectReason.WRONG_BUNDLE, f"prompt was trained on bundle {meta.bundle_hash[:12]}, "
                                                           f"the pool holds prompts of {rules.bundle_hash[:12]}")

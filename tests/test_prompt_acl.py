@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import queue
-
 import pytest
 
 from device_runtime.protocol.envelope import Envelope
 from device_runtime.protocol.errors import PublishRefused, SubscribeRefused
 from tests._broker import FLEET
+from tests.test_broker_mosquitto import _nothing_arrives
 
 pytestmark = pytest.mark.mosquitto
 
@@ -18,12 +17,14 @@ def _prompt(sender: str) -> Envelope:
     return Envelope.build("prompt", sender=sender, fleet=FLEET, body=b"prompt tensors", content="bytes")
 
 
-def _nothing_arrives(q: queue.Queue, seconds: float = 0.5) -> bool:
+def _snoop_gets_nothing(client, filter_: str, send) -> bool:
+    """Subscribing to ``filter_`` is refused, or what ``send()`` then publishes does not arrive."""
     try:
-        q.get(timeout=seconds)
-    except queue.Empty:
+        q = client.subscribe(filter_)
+    except SubscribeRefused:
         return True
-    return False
+    send()
+    return _nothing_arrives(q)
 
 
 def test_direct_prompt_reaches_only_its_peer(mosquitto_broker, mqtt_client):
@@ -39,22 +40,16 @@ def test_direct_prompt_reaches_only_its_peer(mosquitto_broker, mqtt_client):
     # dev3 cannot read dev2's direct prompts, nor every device's prompt-to topics
     for snoop in (f"deft/v1/{FLEET}/device/+/prompt-to/dev2", f"deft/v1/{FLEET}/device/dev1/prompt-to/+",
                   f"deft/v1/{FLEET}/device/+/prompt-to/#"):
-        try:
-            q = dev3.subscribe(snoop)
-        except SubscribeRefused:
-            continue
-        dev1.publish(t.prompt_to("dev1", "dev2"), _prompt("dev1"))
-        assert _nothing_arrives(q), snoop
+        assert _snoop_gets_nothing(dev3, snoop, lambda: dev1.publish(t.prompt_to("dev1", "dev2"), _prompt("dev1")))
+
+    def send_others() -> None:
+        dev1.publish(t.prompt("dev1"), _prompt("dev1"))
+        dev1.publish(t.update("dev1", 1), Envelope.build("update", sender="dev1", fleet=FLEET, round=1))
+
     # the read pattern opens nothing else of another device's subtree
     for other in (f"deft/v1/{FLEET}/device/dev1/prompt", f"deft/v1/{FLEET}/device/dev1/update/+",
                   f"deft/v1/{FLEET}/device/+/hello"):
-        try:
-            q = dev2.subscribe(other)
-        except SubscribeRefused:
-            continue
-        dev1.publish(t.prompt("dev1"), _prompt("dev1"))
-        dev1.publish(t.update("dev1", 1), Envelope.build("update", sender="dev1", fleet=FLEET, round=1))
-        assert _nothing_arrives(q), other
+        assert _snoop_gets_nothing(dev2, other, send_others), other
 
 
 def test_a_device_cannot_write_into_another_devices_prompt_topics(mosquitto_broker, mqtt_client):
