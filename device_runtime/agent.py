@@ -420,6 +420,8 @@ class DeviceAgent:
         cfg = TrainConfig(**kw, progress=False, backend=self.cfg.backend, threads=self.cfg.threads,
                           checkpoint_dir=str(self.workdir / "checkpoints" / f"round-{task.round}"), checkpoint_every=25)
         initial, frozen = base, None
+        if base is not None and task.tensor_names:  # an emulator variant: the global state in its own names
+            base = {task.tensor_names.get(k, k): v for k, v in base.items()}
         if base is not None:
             # a block-subset bundle (LoLa DEFT): train its own tensors, hold the rest at the global values
             mine = set(bundle.manifest.trainable_names)

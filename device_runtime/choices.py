@@ -8,7 +8,15 @@ uses, so no CLI keeps its own copy or checks the string by hand.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from enum import StrEnum
+from enum import Enum
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10 (JetPack 6): the same behaviour for typer's purposes
+
+    class StrEnum(str, Enum):  # noqa: UP042
+        def __str__(self) -> str:
+            return str(self.value)
 
 
 def choices(name: str, values: Iterable[str]) -> type[StrEnum]:

@@ -269,9 +269,12 @@ def predict(
     from device_runtime.data import load_dataset, tokenize_texts
     from device_runtime.predict import label_names, predict_ensemble, predict_proba
 
+    # the options alone decide these: checked before anything is loaded
+    if (data is None) == (not text):
+        _fail("give either --data FILE or one or more --text")
+    if member and weight and len(weight) != len(member):
+        _fail(f"{len(weight)} --weight values for {len(member)} --member files")
     try:
-        if (data is None) == (not text):
-            raise DeviceError("give either --data FILE or one or more --text")
         b, be = _bundle_and_backend(bundle, backend, threads, state)
         if data is not None:
             ds = load_dataset(data, b.manifest, b.tokenizer, text_column=text_column, labelled=False,
@@ -279,8 +282,6 @@ def predict(
         else:
             ds = tokenize_texts(list(text), b.manifest, b.tokenizer, max_length)
         if member:
-            if weight and len(weight) != len(member):
-                raise DeviceError(f"{len(weight)} --weight values for {len(member)} --member files")
             members = [_load_tensors(m, be.get_tensors) for m in member]
             probs = predict_ensemble(be, ds, members, weight or None, batch_size)
         else:

@@ -7,6 +7,7 @@ and exits 2 instead of showing a traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,6 +25,15 @@ def first_error(exc: ValidationError, root: str = "") -> tuple[str, str]:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or root
     return where, str(err.get("msg", "invalid")).removeprefix("Value error, ")
+
+
+def existing_file(path: str | Path, error: type[Exception], missing: str) -> Path:
+    """``path`` as a Path when it is a file; else ``error(missing)`` with ``{path}`` filled in: the
+    one-line "not found" of every file a user names (instances, fleet files)."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(missing.format(path=p))
+    return p
 
 
 class DeviceError(DeftError):

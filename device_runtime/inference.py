@@ -16,6 +16,7 @@ import numpy as np
 
 from device_runtime.bundle.manifest import Manifest
 from device_runtime.errors import BundleError
+from device_runtime.step_backend import session_kwargs
 from device_runtime.weights import named_arrays
 
 
@@ -50,7 +51,8 @@ def inference_session(root: str | Path, manifest: Manifest, tensors: Mapping[str
     ort_values = [onnxruntime.OrtValue.ortvalue_from_numpy(values[n]) for n in names]
     if names:
         opts.add_external_initializers(names, ort_values)
-    sess = onnxruntime.InferenceSession(str(root / "inference.onnx"), opts, providers=["CPUExecutionProvider"])
+    sess = onnxruntime.InferenceSession(str(root / "inference.onnx"), opts, providers=["CPUExecutionProvider"],
+                                        **session_kwargs(manifest))
     # ONNX Runtime uses these buffers in place: they must live as long as the session
     sess._deft_weights = (ort_values, values)
     return sess

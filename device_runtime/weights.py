@@ -73,6 +73,16 @@ def weight_shapes(bundle) -> dict[str, tuple[int, ...]]:
         return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 - no __iter__
 
 
+def weight_dtypes(bundle) -> dict[str, np.dtype]:
+    """name -> stored numpy dtype of every weight of a step-graph bundle (frozen ones may be float16)."""
+    from safetensors import safe_open
+
+    kinds = {"F16": np.float16, "F32": np.float32, "BF16": None}
+    with safe_open(str(Path(bundle.root) / WEIGHTS_FILE), framework="np") as f:
+        return {n: np.dtype(kinds.get(f.get_slice(n).get_dtype(), np.float32) or np.float32)
+                for n in f.keys()}  # noqa: SIM118 - no __iter__
+
+
 def initial_tensors(bundle) -> dict[str, np.ndarray]:
     """The bundle's initial trainable tensors: what every device starts from (round 0 at the edge)."""
     return named_arrays(bundle.root, bundle.manifest, bundle.manifest.trainable_names,

@@ -28,3 +28,7 @@ def _mount() -> None:
 
 
 _mount()
+
+from edge_broker.controller.cli import app as _controller_app  # noqa: E402 - mounted after the commands
+
+app.add_typer(_controller_app, name="controller")  # FedPEAT round controller (the `controller` extra)

@@ -13,6 +13,7 @@ from device_runtime.choices import choices
 from device_runtime.errors import DeftError
 from device_runtime.payload import ENCODINGS
 from edge_broker.broker import Kind
+from edge_broker.channel import cli as ch
 
 EncodingChoice = choices("EncodingChoice", ENCODINGS)
 BrokerKind = choices("BrokerKind", get_args(Kind))
@@ -34,6 +35,12 @@ def demo_command(
                                   "plugged-in full model's accuracy."),
     skew: float = typer.Option(0.25, help="Label skew across devices (0: IID)."),
     fresh: bool = typer.Option(False, help="Re-export the bundle too."),
+    web_devices: int = typer.Option(0, min=0, help="Browser devices (phones) the rounds also wait for: serves the "
+                                    "page and prints each one's URL, QR code and password (Mosquitto only)."),
+    web_port: int = typer.Option(8080, help="Port of the browser device page (--web-devices)."),
+    channel: ch.ChannelChoice = ch.CHANNEL, snr_db: float = ch.SNR_DB, truncation: float = ch.TRUNCATION,
+    subchannels: int = ch.SUBCHANNELS, cell_radius: float = ch.CELL_RADIUS, path_loss_exponent: float = ch.PATH_LOSS,
+    channel_seed: int = ch.CHANNEL_SEED,
     json_out: bool = typer.Option(False, "--json", help="Last stdout line: a JSON summary."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log the coordinator's messages."),
     scenario: Scenario = typer.Option("rounds", help="rounds: federated LoRA rounds; prompts: a prompt pool and a "
@@ -77,11 +84,15 @@ def demo_command(
             emu = f", emulator {e['bundle_accuracy']:.4f}" if e.get("bundle_accuracy") is not None else ""
             say(f"[bold]round {e['round']} done[/bold]: {e['accepted']} updates, full-model accuracy "
                 f"[bold green]{e['accuracy']:.4f}[/bold green]{emu}, {e['wall_s']:.0f}s")
+            if e.get("channel"):
+                say("  " + ch.describe_round(e["channel"]))
 
-    opts = DemoOptions(workdir=workdir, devices=devices, rows_per_device=rows, rounds=rounds, epochs=epochs, lr=lr,
-                       encoding=encoding.value, strategy=strategy, broker=broker.value, emulator=emulator, skew=skew,
-                       fresh=fresh)
     try:
+        opts = DemoOptions(workdir=workdir, devices=devices, rows_per_device=rows, rounds=rounds, epochs=epochs,
+                           lr=lr, encoding=encoding.value, strategy=strategy, broker=broker.value, emulator=emulator,
+                           skew=skew, fresh=fresh, web_devices=web_devices, web_port=web_port,
+                           channel=ch.channel_config(channel, snr_db, truncation, subchannels, cell_radius,
+                                                     path_loss_exponent, channel_seed))
         report = run_demo(opts, say, on_event)
     except KeyboardInterrupt:
         console.print("interrupted: every process the demo started has been stopped")
@@ -92,6 +103,9 @@ def demo_command(
     summary = {k: report.get(k) for k in ("accuracy", "final_accuracy", "initial_accuracy", "bytes_up", "bytes_down",
                                            "bundle_bytes", "wall_s", "broker", "adapter_dir", "report", "plot",
                                            "devices", "rows_per_device", "emulator", "encoding", "strategy")}
+    if opts.channel.kind != "ideal":
+        summary["channel"] = opts.channel.model_dump()
+        summary["channel_rounds"] = [r.get("channel") for r in report["rounds"]]
     if emulator:
         summary["bundle_accuracy"] = [r.get("bundle_accuracy") for r in report["rounds"]]
     from rich.table import Table

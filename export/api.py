@@ -27,14 +27,21 @@ from device_runtime.bundle.manifest import (
 )
 from device_runtime.step_contract import ENSEMBLE_GRAPH
 from device_runtime.weights import safetensors_offsets
-from export import onnx_graph
+from export import frozen_storage, onnx_graph
 from export import step_graph as step_graph_mod
-from export.architectures import Architecture, architecture_for
+from export.architectures import Architecture, architecture_for, get_module
 from export.bundle_writer import check_destination, finalize, staging_dir
 from export.config import ExportConfig
 from export.emulator import apply_emulator, full_spec, select_layers
 from export.errors import ExportError
-from export.loading import load_model, load_tokenizer_json, pad_token_id, source_sha256
+from export.loading import (
+    load_config,
+    load_emulator_blocks,
+    load_model,
+    load_tokenizer_json,
+    pad_token_id,
+    source_sha256,
+)
 from export.peft_setup import attach_peft, peft_spec, trainable_specs
 
 Progress = Callable[[str], None]
@@ -44,22 +51,40 @@ def _noop(_: str) -> None:
     pass
 
 
+def emulator_spec(config: Any, arch: Architecture, cfg: ExportConfig) -> EmulatorSpec:
+    """Which blocks the export keeps (all without ``cfg.emulator``)."""
+    n_full = getattr(config, arch.num_layers_attr)
+    if cfg.emulator is not None:
+        return select_layers(n_full, cfg.emulator.first, cfg.emulator.last, cfg.emulator.middle,
+                             cfg.emulator.middle_blocks)
+    return full_spec(n_full)
+
+
 def build_peft_model(model: torch.nn.Module, arch: Architecture, cfg: ExportConfig, *,
-                     tokenizer_json: str | None = None, progress: Progress | None = None
+                     tokenizer_json: str | None = None, progress: Progress | None = None,
+                     applied: EmulatorSpec | None = None,
                      ) -> tuple[torch.nn.Module, EmulatorSpec, list[TensorSpec], Any]:
     """Emulator + PEFT on ``model`` (mutated). Returns the PEFT model, the layer map, the trainable
     tensors and the PEFT config for the full model. Tests build their torch reference with this too.
-    ``tokenizer_json`` / ``progress`` serve emulator distillation (``cfg.distill``)."""
-    n_full = getattr(model.config, arch.num_layers_attr)
-    if cfg.emulator is not None:
-        spec = select_layers(n_full, cfg.emulator.first, cfg.emulator.last, cfg.emulator.middle)
+    ``tokenizer_json`` / ``progress`` serve emulator distillation (``cfg.distill``); ``applied``: the
+    emulator ``model`` already is (loaded with only its blocks, ``loading.load_emulator_blocks``)."""
+    if applied is not None:
+        spec = applied
     else:
-        spec = full_spec(n_full)
-    if cfg.distill is not None:  # before blocks are dropped: the full middle is the teacher
-        from export.distilled_emulator import distill_emulator
+        spec = emulator_spec(model.config, arch, cfg)
+        if cfg.distill is not None:  # before blocks are dropped: the full middle is the teacher
+            from export.distilled_emulator import distill_emulator
 
-        spec = distill_emulator(model, arch, spec, cfg, tokenizer_json, progress)
-    apply_emulator(model, arch, spec)
+            spec = distill_emulator(model, arch, spec, cfg, tokenizer_json, progress)
+        elif cfg.emulator is not None and cfg.emulator.middle_width is not None:
+            from export.distilled_emulator import middle_depths
+            from export.emulator_width import narrow_blocks
+
+            blocks = get_module(model, arch.blocks_path)
+            narrow_blocks([blocks[i] for i in middle_depths(cfg, spec)], arch, cfg.emulator.middle_width)
+        if cfg.emulator is not None and cfg.emulator.middle_width is not None:
+            spec = spec.model_copy(update={"middle_width": cfg.emulator.middle_width})
+        apply_emulator(model, arch, spec)
     pm, full_cfg = attach_peft(model, arch, cfg, spec)
     specs = trainable_specs(pm, arch, cfg.trainable_blocks, len(spec.layer_map))
     pm.eval()
@@ -73,6 +98,20 @@ def weight_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
         if t.dtype == torch.float32:
             out[name] = t.detach().cpu().contiguous().numpy().copy()
     return out
+
+
+def _load(source: str, cfg: ExportConfig) -> tuple[torch.nn.Module, Architecture, EmulatorSpec | None]:
+    """The model to export; an emulator without distillation reads only the blocks it keeps."""
+    # opt-in with float16 storage until its parity test passes (it failed its first run, undiagnosed)
+    if (cfg.emulator is not None and cfg.distill is None and cfg.emulator.middle_width is None
+            and cfg.frozen_dtype != "float32"):
+        arch = architecture_for(load_config(source).model_type, cfg.task)
+        spec = emulator_spec(load_config(source), arch, cfg)
+        partial = load_emulator_blocks(source, cfg, spec.layer_map)
+        if partial is not None:
+            return partial, arch, spec
+    hf, arch = load_model(source, cfg)
+    return hf, arch, None
 
 
 def export_bundle(
@@ -100,8 +139,9 @@ def export_bundle(
     say("loading model")
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
+    applied = None
     if isinstance(model, str):
-        hf, arch = load_model(model, cfg)
+        hf, arch, applied = _load(model, cfg)
         tok = load_tokenizer_json(model)
         src, src_sha = model, source_sha256(model)
     else:
@@ -113,7 +153,8 @@ def export_bundle(
         src, src_sha = source_id or getattr(model.config, "_name_or_path", "") or "in-memory", "in-memory"
 
     say("attaching emulator and PEFT")
-    pm, spec, specs, full_cfg = build_peft_model(hf, arch, cfg, tokenizer_json=tok, progress=progress)
+    pm, spec, specs, full_cfg = build_peft_model(hf, arch, cfg, tokenizer_json=tok, progress=progress,
+                                                 applied=applied)
     names = [s.name for s in specs]
     vocab = int(hf.config.vocab_size)
     n_virtual = cfg.num_virtual_tokens if "prompt" in cfg.peft else 0
@@ -147,13 +188,18 @@ def export_bundle(
         step_spec = None
         if cfg.format == "step":
             say("writing step graph and weights")
-            save_safetensors(weights, str(tmp / WEIGHTS_FILE))
             shapes = {k: tuple(v.shape) for k, v in weights.items()}
+            frozen = set(weights) - set(names)
+            weights = frozen_storage.stored_weights(weights, frozen, cfg.frozen_dtype)
+            save_safetensors(weights, str(tmp / WEIGHTS_FILE))
+            del weights
             locate = {k: (WEIGHTS_FILE, off, length)
                       for k, (off, length) in safetensors_offsets(tmp / WEIGHTS_FILE).items()}
             step_spec = StepSpec(external={
                 STEP_GRAPH: onnx_graph.strip_weights(step_graph, shapes, locate),
                 EVAL_GRAPH: onnx_graph.strip_weights(eval_graph, shapes, locate)})
+            for name, graph in ((STEP_GRAPH, step_graph), (EVAL_GRAPH, eval_graph)):
+                frozen_storage.cast_per_use(graph, frozen & set(step_spec.external[name]), cfg.frozen_dtype)
             onnx.save(step_graph, str(tmp / STEP_GRAPH))
             onnx.save(eval_graph, str(tmp / EVAL_GRAPH))
             if ensemble_graph is not None:
@@ -179,6 +225,8 @@ def export_bundle(
             extras.append("inference.int8.onnx")
         # the inference graph takes its weights from the bundle's weights at load time: shipped once, not twice
         external = onnx_graph.strip_weights(infer_graph, shapes, locate)
+        if cfg.format == "step":
+            frozen_storage.cast_per_use(infer_graph, frozen & set(external), cfg.frozen_dtype)
         onnx.save(infer_graph, str(tmp / "inference.onnx"))
 
         block_params = {i: 0 for i in range(len(spec.layer_map))}
@@ -213,6 +261,7 @@ def export_bundle(
                 format=cfg.format,
                 step=step_spec,
                 dropout=cfg.dropout,
+                frozen_dtype=cfg.frozen_dtype,
                 inference_external=external,
                 files=files,
                 extras=extras,

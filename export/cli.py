@@ -22,6 +22,18 @@ def _ints(text: str | None, what: str) -> list[int] | None:
         raise ExportError(f"{what} takes comma-separated integers, got '{text}'") from None
 
 
+def _emulator(emulator: str | None, middle: str | None, width: int | None) -> list[int] | dict | None:
+    """``--emulator F,M,L`` (+ ``--emulator-middle``, ``--emulator-middle-width``) as ExportConfig takes it."""
+    emu = _ints(emulator, "--emulator")
+    if middle is None and width is None:
+        return emu
+    if emu is None or len(emu) != 3:
+        given = "--emulator-middle" if middle is not None else "--emulator-middle-width"
+        raise ExportError(f"{given} shapes an emulator: add --emulator FIRST,MIDDLE,LAST (e.g. --emulator 1,2,1)")
+    return {"first": emu[0], "middle": emu[1], "last": emu[2], "middle_blocks": _ints(middle, "--emulator-middle"),
+            "middle_width": width}
+
+
 def _strs(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
@@ -63,6 +75,12 @@ def export_command(
     emulator: str | None = typer.Option(None, "--emulator",
                                         help="FIRST,MIDDLE,LAST: keep first/last blocks trainable and MIDDLE "
                                              "uniformly chosen frozen middle blocks (e.g. 2,0,2)."),
+    emulator_middle: str | None = typer.Option(None, "--emulator-middle",
+                                               help="Which middle blocks the emulator keeps (original depths, "
+                                                    "e.g. 2,3; default: uniformly spaced)."),
+    emulator_middle_width: int | None = typer.Option(None, "--emulator-middle-width",
+                                                     help="FFN width of the emulator's middle blocks (highest-norm "
+                                                          "neurons kept; BERT-family models)."),
     distill_data: Path | None = typer.Option(
         None, "--distill-data", help="Distil the emulator's middle from the full model's on this unlabelled text "
         "(one sentence a line, or a .tsv/.csv text column; public text, never device data). Cached."),
@@ -82,6 +100,9 @@ def export_command(
                             help="step (default: one standard ONNX graph per training step, plain onnxruntime "
                                  "trains it) or ort-training (ONNX Runtime training artifacts; needs "
                                  "onnxruntime-training in this environment)."),
+    frozen_dtype: str = typer.Option("float32", "--frozen-dtype",
+                                     help="Storage of the frozen weights: float32 or float16 (half the bundle and "
+                                          "the device's weight memory; computation stays float32)."),
     seed: int = typer.Option(0, "--seed", help="Seed for new weights (head, LoRA A)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
@@ -93,14 +114,14 @@ def export_command(
         from export.config import ExportConfig
 
         ranks = _ints(lora_ranks, "--lora-ranks")
-        emu = _ints(emulator, "--emulator")
+        emu = _emulator(emulator, emulator_middle, emulator_middle_width)
         opts = dict(task=task, num_labels=num_labels, labels=_strs(labels), peft=peft, head=head, lora_r=lora_r,
                     lora_alpha=lora_alpha, lora_targets=_strs(lora_targets), lora_ranks=ranks,
                     dropout=dropout, lora_dropout=lora_dropout,
                     num_virtual_tokens=prompt_tokens, prompt_pool=prompt_pool,
                     trainable_blocks=_ints(trainable_blocks, "--trainable-blocks"),
                     emulator=emu, max_length=max_length, quantize_inference=quantize, format=fmt,
-                    seed=seed)
+                    seed=seed, frozen_dtype=frozen_dtype)
         if rank_schedule is not None:
             if ranks is not None:
                 raise ExportError("give either --lora-ranks or --rank-schedule, not both")

@@ -16,6 +16,10 @@ class EmulatorConfig(BaseModel):
     first: int = 2
     middle: int = 0
     last: int = 2
+    #: which middle blocks to keep (original depths, ``--emulator-middle``); None: uniformly spaced
+    middle_blocks: list[int] | None = None
+    #: FFN width of the middle blocks (``--emulator-middle-width``): the highest-norm neurons are kept
+    middle_width: int | None = None
 
 
 class DistillConfig(BaseModel):
@@ -89,6 +93,9 @@ class ExportConfig(BaseModel):
     #: ``step``: one standard ONNX graph per training step (plain onnxruntime trains it, the default);
     #: ``ort-training``: ONNX Runtime training artifacts, for runtimes with the training API
     format: Literal["step", "ort-training"] = "step"
+    #: storage dtype of the frozen weights in ``weights.safetensors``; ``float16`` halves the bundle and
+    #: the device's weight memory, computation stays float32 (``export/frozen_storage.py``)
+    frozen_dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("emulator", mode="before")
     @classmethod
@@ -123,9 +130,16 @@ class ExportConfig(BaseModel):
             raise ExportError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.max_length <= 1:
             raise ExportError(f"--max-length must be > 1 (got {self.max_length})")
+        emu = self.emulator
+        if emu is not None and emu.middle_width is not None and (emu.middle == 0 or emu.middle_width <= 0):
+            raise ExportError(f"--emulator-middle-width {emu.middle_width} narrows the emulator's middle blocks: give "
+                              "a width > 0 and --emulator FIRST,MIDDLE,LAST with MIDDLE >= 1")
         if self.distill is not None and (self.emulator is None or self.emulator.middle == 0):
             raise ExportError("--distill-data distils an emulator's middle blocks: give --emulator FIRST,MIDDLE,LAST "
                               "with MIDDLE >= 1 (e.g. --emulator 1,2,1)")
+        if self.frozen_dtype != "float32" and self.format != "step":
+            raise ExportError(f"--frozen-dtype {self.frozen_dtype} needs the step format (drop --format {self.format} "
+                              "or use --frozen-dtype float32)")
         if self.task == "seq-cls":
             if self.labels is not None and len(self.labels) < 2:
                 raise ExportError("--labels needs at least two names, e.g. --labels negative,positive")

@@ -25,22 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from device_runtime.bundle.manifest import DistillSettings
 from export.architectures import Architecture, get_module
+from export.emulator_width import narrow_blocks
 
 #: ``on_step(step, total_steps, kd_loss)`` after every optimizer step
 StepCallback = Callable[[int, int, float], None]
 #: the teacher's outputs are kept per row when they fit in this many bytes (float32)
 TEACHER_CACHE_BYTES = 512 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    steps: int
-    lr: float
-    batch_size: int
-    max_length: int
-    warmup_steps: int
-    seed: int
 
 
 @dataclass
@@ -150,17 +142,40 @@ def length_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Gener
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def layer_drop_kd(model: torch.nn.Module, arch: Architecture, first: int, last: int, middle: Sequence[int],
+                  rows: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64) -> float:
+    """KD loss of the layer-dropped middle ``middle`` (original depths, undistilled) against the full
+    middle on ``rows``, mean over batches: a cheap score of which middle blocks to keep."""
+    full = list(get_module(model, arch.blocks_path))
+    teacher, student = full[first: len(full) - last], [full[i] for i in middle]
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with torch.no_grad():
+            starts = range(0, len(rows), batch_size)
+            for s in starts:
+                ids, mask = pad(rows[s:s + batch_size], pad_id)
+                args, kwargs = middle_input(model, arch, full[first], ids, mask)
+                total += float(kd_loss(run_blocks(teacher, args, kwargs), run_blocks(student, args, kwargs), mask))
+    finally:
+        model.train(was_training)
+    return total / len(starts)
+
+
 def distill_middle(model: torch.nn.Module, arch: Architecture, first: int, last: int, middle: Sequence[int],
                    rows: Sequence[Sequence[int]], pad_id: int, settings: DistillSettings,
-                   on_step: StepCallback | None = None) -> DistillResult:
+                   on_step: StepCallback | None = None, width: int | None = None) -> DistillResult:
     """Distil copies of the full model's blocks ``middle`` (original depths) into the full middle.
 
     ``model`` is the full task model; it is used as it is and left as it was. ``rows`` are token ids.
+    ``width``: the students' FFN width (``export.emulator_width``; None: as the model's).
     """
     t0 = time.perf_counter()
     full = list(get_module(model, arch.blocks_path))
     teacher = full[first: len(full) - last]  # the whole middle
     student = torch.nn.ModuleList([copy.deepcopy(full[i]) for i in middle])
+    narrow_blocks(student, arch, width)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

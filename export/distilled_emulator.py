@@ -19,6 +19,7 @@ from export.architectures import Architecture, get_module
 from export.config import ExportConfig
 from export.distill import DistillResult, DistillSettings, backbone, distill_middle, tokenize
 from export.distill_data import file_sha256, read_texts
+from export.emulator_width import narrow_blocks
 from export.errors import ExportError
 
 
@@ -40,27 +41,29 @@ def distill_emulator(model: torch.nn.Module, arch: Architecture, spec: EmulatorS
                                max_length=d.max_length or cfg.max_length, warmup_steps=d.warmup_steps, seed=d.seed)
     layout = {"model_type": model.config.model_type, "num_layers": spec.num_layers_full,
               "layer_map": spec.layer_map, "first": emu.first, "last": emu.last}
+    if emu.middle_width is not None:  # (absent otherwise: the keys of full-width middles stay as they were)
+        layout["middle_width"] = emu.middle_width
     data_sha = file_sha256(d.data)
     key = distill_cache.cache_key(
         distill_cache.tensors_sha256(list(backbone(model, arch).state_dict().items())), layout, data_sha,
-        {**settings.__dict__, "text_column": d.text_column})
+        {**settings.model_dump(), "text_column": d.text_column})
     cache_dir = Path(d.cache_dir) if d.cache_dir else distill_cache.default_cache_dir()
     result = distill_cache.load(cache_dir, key)
     if result is None:
-        result = _run(model, arch, emu.first, emu.last, middle, texts, settings, tokenizer_json, progress)
+        result = _run(model, arch, emu.first, emu.last, middle, emu.middle_width, texts, settings, tokenizer_json,
+                      progress)
         distill_cache.store(cache_dir, key, result)
     elif progress is not None:
         progress(f"distilled emulator from the cache ({cache_dir})")
     blocks = get_module(model, arch.blocks_path)
+    narrow_blocks([blocks[i] for i in middle], arch, emu.middle_width)  # the student's shapes
     torch.nn.ModuleList([blocks[i] for i in middle]).load_state_dict(result.state)
-    record = DistillSpec(data=str(d.data), data_sha256=data_sha, rows=result.rows, steps=settings.steps,
-                         lr=settings.lr, batch_size=settings.batch_size, max_length=settings.max_length,
-                         warmup_steps=settings.warmup_steps, seed=settings.seed,
+    record = DistillSpec(data=str(d.data), data_sha256=data_sha, rows=result.rows, **settings.model_dump(),
                          kd_loss_initial=result.kd_loss_initial, kd_loss_final=result.kd_loss_final, key=key)
     return spec.model_copy(update={"distillation": record})
 
 
-def _run(model, arch, first, last, middle, texts, settings, tokenizer_json, progress) -> DistillResult:
+def _run(model, arch, first, last, middle, width, texts, settings, tokenizer_json, progress) -> DistillResult:
     from export.loading import load_tokenizer_json, pad_token_id
 
     if tokenizer_json is None:
@@ -75,7 +78,7 @@ def _run(model, arch, first, last, middle, texts, settings, tokenizer_json, prog
             if step == 1 or step % 10 == 0 or step == total:
                 progress(f"distilling the emulator's middle blocks {middle}: step {step}/{total}, KD loss {loss:.4f}")
 
-        return distill_middle(model, arch, first, last, middle, rows, pad_id, settings, on_step)
+        return distill_middle(model, arch, first, last, middle, rows, pad_id, settings, on_step, width)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -84,4 +87,4 @@ def _run(model, arch, first, last, middle, texts, settings, tokenizer_json, prog
                   console=Console(stderr=True)) as bar:
         task = bar.add_task(f"middle blocks {middle}", total=settings.steps, loss=float("nan"))
         return distill_middle(model, arch, first, last, middle, rows, pad_id, settings,
-                              lambda s, _t, loss: bar.update(task, completed=s, loss=loss))
+                              lambda s, _t, loss: bar.update(task, completed=s, loss=loss), width)

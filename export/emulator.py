@@ -8,6 +8,8 @@ edge plug the trained tensors back into the full model at the right depth.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from device_runtime.bundle.manifest import EmulatorSpec
@@ -15,11 +17,13 @@ from export.architectures import Architecture, get_module, set_module
 from export.errors import ExportError
 
 
-def select_layers(num_layers: int, keep_first: int, keep_last: int, middle: int) -> EmulatorSpec:
+def select_layers(num_layers: int, keep_first: int, keep_last: int, middle: int,
+                  middle_blocks: Sequence[int] | None = None) -> EmulatorSpec:
     """Which original blocks an emulator keeps.
 
     Middle block ``i`` of ``k`` is the one at index ``round(i * (m - 1) / (k - 1))`` within the
-    ``m`` middle blocks (the centre one when ``k == 1``).
+    ``m`` middle blocks (the centre one when ``k == 1``), unless ``middle_blocks`` names them
+    (original depths, ``--emulator-middle``).
     """
     if keep_first < 0 or keep_last < 0 or middle < 0:
         raise ExportError("emulator block counts must be >= 0 (--emulator FIRST,MIDDLE,LAST)")
@@ -38,8 +42,14 @@ def select_layers(num_layers: int, keep_first: int, keep_last: int, middle: int)
         raise ExportError(
             f"the emulator asks for {middle} middle blocks but only {len(mid_pool)} lie between the kept ends"
         )
-    if middle == 0:
-        mid: list[int] = []
+    mid: list[int]
+    if middle_blocks is not None:
+        mid = list(middle_blocks)
+        if len(mid) != middle or sorted(set(mid)) != mid or any(i not in mid_pool for i in mid):
+            raise ExportError(f"--emulator-middle {','.join(map(str, mid))}: give {middle} increasing block depths "
+                              f"from the middle blocks {mid_pool}")
+    elif middle == 0:
+        mid = []
     elif middle == 1:
         mid = [mid_pool[round((len(mid_pool) - 1) / 2)]]
     else:

@@ -107,3 +107,68 @@ def pad_token_id(model: torch.nn.Module, tokenizer_json: str) -> int:
         if isinstance(pid, list):
             pid = pid[0]
     return int(pid)
+
+
+def _safetensors_index(p: Path) -> dict[str, Path] | None:
+    """checkpoint tensor name -> the safetensors file holding it (single file or sharded), or None."""
+    import json
+
+    if (p / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(p / "model.safetensors"), framework="pt") as f:
+            return {k: p / "model.safetensors" for k in f.keys()}  # noqa: SIM118 - no __iter__
+    if (p / "model.safetensors.index.json").is_file():
+        weight_map = json.loads((p / "model.safetensors.index.json").read_text()).get("weight_map", {})
+        return {k: p / v for k, v in weight_map.items()}
+    return None
+
+
+def load_emulator_blocks(source: str, cfg: ExportConfig, layer_map: list[int]) -> torch.nn.Module | None:
+    """The causal LM with only the blocks ``layer_map`` keeps (renumbered 0..k-1), read tensor by tensor
+    from its safetensors, so a 1.1B model's 22 blocks are never all in memory when an emulator keeps 6.
+
+    None when the directory cannot be read that way (no safetensors, or names that do not map one to
+    one onto the smaller model): the caller then loads the whole model and drops blocks, as before.
+    Only for causal LMs: a classification head is new and initialised by ``from_pretrained`` itself."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    p = Path(source)
+    where = _safetensors_index(p) if cfg.task == "causal-lm" and p.is_dir() else None
+    if where is None:
+        return None
+    config = load_config(source)
+    arch = architecture_for(config.model_type, cfg.task)
+    setattr(config, arch.num_layers_attr, len(layer_map))
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in layer_map]
+    config.use_cache = False
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", torch_dtype=torch.float32)
+    prefix = arch.blocks_path + "."
+    wanted = {}
+    for name in model.state_dict():
+        src_name = name
+        if name.startswith(prefix):
+            idx, _, rest = name[len(prefix):].partition(".")
+            src_name = f"{prefix}{layer_map[int(idx)]}.{rest}"
+        wanted[name] = src_name
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False):
+        tied = {n for n in wanted if n not in where and n.endswith("lm_head.weight")}
+    if any(src not in where for n, src in wanted.items() if n not in tied):
+        return None
+    own = model.state_dict()  # views of the parameters: filled in place, one tensor read at a time
+    handles: dict[Path, object] = {}
+    with torch.no_grad():
+        for name, src in wanted.items():
+            if name not in tied:
+                f = handles.get(where[src]) or handles.setdefault(where[src], safe_open(str(where[src]), "pt"))
+                own[name].copy_(f.get_tensor(src))
+    handles.clear()
+    if tied:
+        model.tie_weights()
+    model.eval()
+    return model

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from device_runtime.errors import existing_file
 from device_runtime.protocol.topics import check_id
 
 OS = Literal["rpios-bookworm", "rpios-trixie", "jetpack-6", "debian"]
@@ -202,11 +203,8 @@ def load_inventory(path: str | Path) -> Inventory:
     from edge_broker.broker.base import BrokerError, load_accounts
     from hardware.profiles import builtin_profiles
 
-    p = Path(path)
-    if not p.is_file():
-        raise InventoryError(
-            f"fleet file {p} not found: write one, or an example with `deft hw inventory --example DIR`"
-        )
+    p = existing_file(path, InventoryError,
+                      "fleet file {path} not found: write one, or an example with `deft hw inventory --example DIR`")
     try:
         raw = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

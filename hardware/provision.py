@@ -15,10 +15,10 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from hardware.inventory import Device, Inventory
 from hardware.render import device_vars
@@ -31,25 +31,19 @@ class ProvisionError(RuntimeError):
     """Ansible could not be started; the message says what is missing."""
 
 
-@dataclass
-class HostResult:
+class HostResult(BaseModel):
+    """One board's outcome of a playbook run; ``as_dict`` is its part of the JSON report."""
+
     ok: int = 0
     changed: int = 0
     failed: int = 0
     skipped: int = 0
     unreachable: bool = False
-    messages: list[str] = field(default_factory=list)
-    facts: dict[str, dict] = field(default_factory=dict)  # task name -> module result
+    messages: list[str] = []
+    facts: dict[str, dict] = {}  # task name -> module result
 
     def as_dict(self) -> dict:
-        return {
-            "ok": self.ok,
-            "changed": self.changed,
-            "failed": self.failed,
-            "skipped": self.skipped,
-            "unreachable": self.unreachable,
-            "messages": self.messages,
-        }
+        return self.model_dump(exclude={"facts"})
 
 
 def _ansible_playbook() -> str:

@@ -83,7 +83,8 @@ def _start_mosquitto(workdir: Path, binary: str, **cfg: object):
     from edge_broker.broker.base import free_port
     from edge_broker.broker.mosquitto import MosquittoBroker, MosquittoConfig
 
-    config = MosquittoConfig(port=free_port(), fleets=[FLEET], max_packet_size=TEST_MAX_PACKET, **cfg)  # type: ignore[arg-type]
+    cfg.setdefault("max_packet_size", TEST_MAX_PACKET)
+    config = MosquittoConfig(port=free_port(), fleets=[FLEET], **cfg)  # type: ignore[arg-type]
     b = MosquittoBroker(workdir, _accounts(), config, binary=binary)
     b.write_files()
     return b.start()

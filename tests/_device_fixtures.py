@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from tests._models import DEVICE_BUNDLE_OPTIONS
+
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_bundle(tiny_model_dir, bundle_factory) -> Path:
-    return bundle_factory(tiny_model_dir("gpt2"), task="causal-lm", max_length=32)
+    return bundle_factory(tiny_model_dir("gpt2"), **DEVICE_BUNDLE_OPTIONS["gpt2"])
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,15 @@ tokenizer, so every architecture path runs in seconds. The real MiniLM comes fro
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import functools
+import hashlib
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -86,18 +92,87 @@ def make_tiny_model(kind: str, out: Path) -> Path:
     return out
 
 
+# ------------------------------------------------------------------ the cross-process test cache
+# Exports cost 20-60 s each. Tiny models and bundles are made once per code version and shared by every
+# pytest process of a CI run (xdist workers, the device-only and aarch64 suites' host exports): a
+# directory per key under DEFT_TEST_CACHE (default .test-cache/ in the repository), built under a lock
+# and moved into place whole. Tests treat what they get as read-only (copy before damaging it).
+#: what an export's output depends on besides its options: the kit's code and the exporting libraries
+_CODE_DIRS = ("export", "device_runtime", "deftkit")
+_LIBRARIES = ("torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime", "tokenizers", "safetensors")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DEFT_TEST_CACHE", REPO / ".test-cache")).resolve()
+
+
+@functools.cache
+def _code_version() -> str:
+    h = hashlib.sha256()
+    files = sorted(p for d in _CODE_DIRS for p in (REPO / d).rglob("*.py")) + [Path(__file__)]
+    for p in files:
+        h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    for lib in _LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            h.update(f"{lib}={metadata.version(lib)}".encode())
+    h.update((minilm_dir() / "tokenizer.json").read_bytes())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached(name: str, key: object, build: Callable[[Path], object]) -> Path:
+    """The directory ``build(dir)`` writes for ``key`` under the current code version: built by the first
+    process that asks (others wait on its lock), then reused."""
+    digest = hashlib.sha256(repr((key, _code_version())).encode()).hexdigest()[:20]
+    out = cache_root() / f"{name}-{digest}"
+    if out.is_dir():
+        return out
+    with _locked(out.with_name(out.name + ".lock")):
+        if not out.is_dir():
+            tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                build(tmp)
+                os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def tiny_model_path(kind: str) -> Path:
+    """The tiny random model of ``kind``, made once per code version."""
+    return cached(f"model-{kind}", (kind, _TINY), lambda d: make_tiny_model(kind, d))
+
+
+#: the tiny bundles the torch-free suites train (device-only, aarch64), by model kind
+DEVICE_BUNDLE_OPTIONS: dict[str, dict] = {
+    "bert": dict(task="seq-cls", labels=["negative", "positive"], max_length=32),
+    "gpt2": dict(task="causal-lm", max_length=32),
+}
+
+
+def cached_bundle(source: Path | str, **options) -> Path:
+    """``export_bundle(source, **options)``, exported once per (source, options, code version)."""
+    from export import export_bundle
+
+    key = (str(source), sorted(options.items()))
+    return cached("bundle", key, lambda d: export_bundle(str(source), d, **options))
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Callable[[str], Path]:
-    """``tiny_model_dir("bert")`` -> a saved tiny random model directory (made once per session)."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    made: dict[str, Path] = {}
-
-    def get(kind: str) -> Path:
-        if kind not in made:
-            made[kind] = make_tiny_model(kind, root / kind)
-        return made[kind]
-
-    return get
+def tiny_model_dir() -> Callable[[str], Path]:
+    """``tiny_model_dir("bert")`` -> a saved tiny random model directory (made once, see :func:`cached`)."""
+    return tiny_model_path
 
 
 @pytest.fixture(scope="session")
@@ -111,22 +186,10 @@ def minilm_tokenizer_json() -> str:
 
 
 @pytest.fixture(scope="session")
-def bundle_factory(tmp_path_factory) -> Callable[..., Path]:
-    """``bundle_factory(source, **export options)`` -> an exported bundle directory, cached per options."""
-    from export import export_bundle
-
-    root = tmp_path_factory.mktemp("bundles")
-    cache: dict[str, Path] = {}
-
-    def make(source: Path | str, **options) -> Path:
-        key = repr((str(source), sorted(options.items())))
-        if key not in cache:
-            out = root / f"b{len(cache)}"
-            export_bundle(str(source), out, **options)
-            cache[key] = out
-        return cache[key]
-
-    return make
+def bundle_factory() -> Callable[..., Path]:
+    """``bundle_factory(source, **export options)`` -> an exported bundle directory, cached per options
+    (:func:`cached_bundle`); read-only to the tests."""
+    return cached_bundle
 
 
 @pytest.fixture(scope="session")

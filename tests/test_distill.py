@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests._models import REPO, SST2_TRAIN, SST2_VALIDATION
+from tests._models import _TINY, REPO, SST2_TRAIN, SST2_VALIDATION
 from tests.test_export_cli import deft, last_json
 
 DEFT = [sys.executable, "-m", "deftkit.cli"]
@@ -97,22 +97,66 @@ def test_distilled_emulator_keeps_adapter_side_and_caches(tiny_model_dir, texts,
     assert len(list(cache.glob("*.safetensors"))) == 2
 
 
+#: the exported distilled emulator keeps a chosen middle block (not the uniform one) at half its FFN width,
+#: so the export, the device run and `deft plugin` cover --emulator-middle / --emulator-middle-width too
+LAYOUT = {"first": 1, "middle": 1, "last": 1, "middle_blocks": [2], "middle_width": _TINY["inter"] // 2}
+
+
 @pytest.fixture(scope="module")
 def distilled_bundle(tiny_model_dir, texts, tmp_path_factory) -> Path:
     from export import export_bundle
 
     out = tmp_path_factory.mktemp("distilled") / "bundle"
-    export_bundle(str(tiny_model_dir("bert")), out, **_distill_opts(texts, out.parent / "cache"))
+    export_bundle(str(tiny_model_dir("bert")), out, **_distill_opts(texts, out.parent / "cache", emulator=LAYOUT))
     return out
 
 
 def test_manifest_records_distillation(distilled_bundle, texts):
     from device_runtime.bundle.load import load_bundle
+    from device_runtime.weights import weight_shapes
 
-    m = load_bundle(distilled_bundle).manifest
+    b = load_bundle(distilled_bundle)
+    m = b.manifest
     d = m.emulator.distillation
     assert d is not None and d.data == str(texts) and d.steps == 30 and d.batch_size == 16 and d.max_length == 32
     assert 0 < d.kd_loss_final < d.kd_loss_initial and len(d.key) == 64
+    assert m.emulator.layer_map == [0, 2, 3] and m.emulator.middle_width == _TINY["inter"] // 2
+    widths = {n: s[0] for n, s in weight_shapes(b).items() if n.endswith("intermediate.dense.weight")}
+    assert sorted(widths.values()) == [_TINY["inter"] // 2, _TINY["inter"], _TINY["inter"]], widths
+
+
+def test_select_layers_named_middle():
+    from export.emulator import select_layers
+    from export.errors import ExportError
+
+    assert select_layers(6, 1, 1, 2).layer_map == [0, 1, 4, 5]  # uniform
+    assert select_layers(6, 1, 1, 2, [2, 3]).layer_map == [0, 2, 3, 5]
+    for bad in ([0, 2], [3, 2], [2, 2], [2], [1, 5]):
+        with pytest.raises(ExportError, match="--emulator-middle"):
+            select_layers(6, 1, 1, 2, bad)
+
+
+def test_narrow_block_keeps_highest_norm_neurons(tiny_model_dir):
+    """The narrowed block computes exactly the full block with the other neurons' outputs removed."""
+    from export import ExportConfig
+    from export.emulator_width import narrow_block, neuron_scores
+    from export.loading import load_model
+
+    model, arch = load_model(str(tiny_model_dir("bert")), ExportConfig(num_labels=2))
+    block = model.bert.encoder.layer[1]
+    w_in, w_out = block.intermediate.dense.weight.detach().clone(), block.output.dense.weight.detach().clone()
+    width = _TINY["inter"] // 4
+    keep = torch.topk(neuron_scores(w_in, w_out), width).indices.sort().values
+    x = torch.randn(2, 5, _TINY["hidden"])
+    with torch.no_grad():
+        block.output.dense.weight[:, [j for j in range(_TINY["inter"]) if j not in set(keep.tolist())]] = 0
+        expected = block(x)[0]
+        narrow_block(block, arch, width)
+        got = block(x)[0]
+    assert block.intermediate.dense.weight.shape == (width, _TINY["hidden"])
+    assert block.output.dense.weight.shape == (_TINY["hidden"], width)
+    assert torch.equal(block.intermediate.dense.weight, w_in[keep])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def _env() -> dict:
@@ -188,6 +232,10 @@ def _one_line_error(code: int, err: str, *words: str) -> None:
     (["--emulator", "1,1,1", "--distill-data", "MISSING"], ["does not exist"]),
     (["--emulator", "1,1,1", "--distill-data", "EMPTY"], ["no text"]),
     (["--emulator", "1,1,1", "--distill-data", "NOCOL"], ["column"]),
+    (["--emulator-middle", "2"], ["--emulator FIRST,MIDDLE,LAST"]),                # layout without emulator
+    (["--emulator", "1,1,1", "--emulator-middle", "3"], ["--emulator-middle", "[1, 2]"]),  # not a middle block
+    (["--emulator", "1,1,1", "--emulator-middle-width", "0"], ["--emulator-middle-width", "> 0"]),
+    (["--emulator", "1,1,1", "--emulator-middle-width", "100000"], ["wider"]),
 ])
 def test_export_distill_bad_input(extra, words, tiny_model_dir, texts, tmp_path):
     empty = tmp_path / "empty.txt"

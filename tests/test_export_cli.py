@@ -117,6 +117,8 @@ def test_inspect_json(tiny_bert_bundle):
         (["--num-labels", "1"], "--num-labels"),
         (["--emulator", "1,2"], "FIRST,MIDDLE,LAST"),
         (["--task", "causal-lm"], "task 'causal-lm' is not supported for 'bert'"),
+        (["--frozen-dtype", "bf16"], "--frozen-dtype"),
+        (["--frozen-dtype", "float16", "--format", "ort-training"], "needs the step format"),
     ],
 )
 def test_bad_input_one_line_error(args, message, tiny_model_dir, tmp_path):

@@ -259,20 +259,12 @@ def test_flash_writes_os_image_only_to_removable_disks(example, tmp_path):
         and Path(f"/sys/block/{b}/removable").exists()
         and Path(f"/sys/block/{b}/removable").read_text().strip() == "0"
     ][:1]
+    def flash(image: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+        return deft("flash", "-i", str(example), "-d", "pi5-bookworm", "--os-image", str(src), "--image", str(image),
+                    *extra, "--yes", check=check)
+
     for dev in refused:
-        r = deft(
-            "flash",
-            "-i",
-            str(example),
-            "-d",
-            "pi5-bookworm",
-            "--os-image",
-            str(src),
-            "--image",
-            str(dev),
-            "--yes",
-            check=False,
-        )
+        r = flash(dev, check=False)
         assert r.returncode == 2, r.stdout + r.stderr
         assert (
             "not a removable disk" in r.stderr
@@ -282,20 +274,7 @@ def test_flash_writes_os_image_only_to_removable_disks(example, tmp_path):
     assert target.read_bytes() == before
 
     # --force: written (holes skipped), verified by reading back, then configured
-    r = deft(
-        "flash",
-        "-i",
-        str(example),
-        "-d",
-        "pi5-bookworm",
-        "--os-image",
-        str(src),
-        "--image",
-        str(target),
-        "--force",
-        "--yes",
-        "--json",
-    )
+    r = flash(target, "--force", "--json")
     out = json.loads(r.stdout.splitlines()[-1])
     assert "will overwrite" in r.stderr and str(target) in r.stderr
     assert out["written"]["verified"] is True and 0 < out["written"]["bytes"] <= src.stat().st_size
@@ -351,19 +330,12 @@ def test_jetson_overlay_and_flash_command(example, tmp_path):
     user_args = calls[0][1:]
     assert user_args[:2] == ["-u", "deft"] and user_args[4:] == ["-n", "orin-nano", "--accept-license"]
     assert len(user_args[3]) >= 12  # a generated password, never printed in the JSON
-    assert calls[1][1:] == [
-        "--external-device",
-        "nvme0n1p1",
-        "-c",
-        "tools/kernel_flash/flash_l4t_t234_nvme.xml",
-        "-p",
-        "-c bootloader/generic/cfg/flash_t234_qspi.xml",
-        "--showlogs",
-        "--network",
-        "usb0",
-        "jetson-orin-nano-devkit",
-        "internal",
-    ]
+    from hardware.flash_jetson import RECIPES
+
+    # NVIDIA's Orin Nano NVMe command, as the recipe cites it from the Jetson Linux 36 Quick Start
+    assert calls[1][1:] == list(RECIPES["jetson-orin-nano-8gb"].args)
+    assert calls[1][1:3] == ["--external-device", "nvme0n1p1"] and calls[1][-2:] == ["jetson-orin-nano-devkit",
+                                                                                   "internal"]
     # the printed command is exactly what ran
     import shlex
 

@@ -8,7 +8,12 @@ from pathlib import Path
 
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.sha256()  # Python 3.10 (JetPack 6): the same, by hand
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def hash_tree(root: str | Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, str]:

@@ -9,38 +9,23 @@ from device_runtime.bundle.manifest import WEIGHTS_FILE, Manifest
 from device_runtime.bundle.verify import read_manifest, verify_bundle
 
 
+def _member(name: str) -> property:
+    """A bundle file's path, by its name in the bundle directory."""
+    return property(lambda self: self.root / name, doc=f"``{name}`` in the bundle")
+
+
 @dataclass(frozen=True)
 class Bundle:
     root: Path
     manifest: Manifest
 
-    @property
-    def training_model(self) -> Path:
-        return self.root / "training_model.onnx"
-
-    @property
-    def eval_model(self) -> Path:
-        return self.root / "eval_model.onnx"
-
-    @property
-    def optimizer_model(self) -> Path:
-        return self.root / "optimizer_model.onnx"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint"
-
-    @property
-    def weights(self) -> Path:
-        return self.root / WEIGHTS_FILE
-
-    @property
-    def inference_model(self) -> Path:
-        return self.root / "inference.onnx"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer.json"
+    training_model = _member("training_model.onnx")
+    eval_model = _member("eval_model.onnx")
+    optimizer_model = _member("optimizer_model.onnx")
+    checkpoint = _member("checkpoint")
+    weights = _member(WEIGHTS_FILE)
+    inference_model = _member("inference.onnx")
+    tokenizer = _member("tokenizer.json")
 
     @property
     def hash(self) -> str:

@@ -59,19 +59,24 @@ class TensorSpec(_Strict):
         return n
 
 
-class DistillSpec(_Strict):
-    """How an emulator's middle blocks were distilled from the full model's (Offsite-Tuning), so a
-    user can tell a distilled emulator from a layer-dropped one and repeat the run."""
+class DistillSettings(_Strict):
+    """The knobs of an emulator distillation run (``export.distill.distill_middle`` takes them)."""
 
-    data: str
-    data_sha256: str
-    rows: int
     steps: int
     lr: float
     batch_size: int
     max_length: int
     warmup_steps: int
     seed: int
+
+
+class DistillSpec(DistillSettings):
+    """How an emulator's middle blocks were distilled from the full model's (Offsite-Tuning), so a
+    user can tell a distilled emulator from a layer-dropped one and repeat the run (with its settings)."""
+
+    data: str
+    data_sha256: str
+    rows: int
     #: normalised KD loss on the last middle block's output, first and last logged value
     kd_loss_initial: float
     kd_loss_final: float
@@ -93,6 +98,8 @@ class EmulatorSpec(_Strict):
     is_full: bool
     #: set when the middle blocks were distilled from the full model's (None: kept as they are)
     distillation: DistillSpec | None = None
+    #: FFN width of the middle blocks when narrowed (``--emulator-middle-width``; None: the model's)
+    middle_width: int | None = None
 
     @model_validator(mode="after")
     def _check(self) -> EmulatorSpec:
@@ -170,6 +177,9 @@ class Manifest(_Strict):
     optimizer: Literal["adamw"] = "adamw"
     #: the training graph applies the model's dropout (and LoRA dropout); the eval graph never does
     dropout: bool = False
+    #: storage dtype of the frozen weights in ``weights.safetensors`` (trainable tensors are always
+    #: float32); ``float16``: the graphs cast each use to float32 (``export/frozen_storage.py``)
+    frozen_dtype: Literal["float32", "float16"] = "float32"
     #: initializers of ``inference.onnx`` that carry no bytes there: ONNX Runtime is given them from
     #: the checkpoint at load time (``device_runtime.inference``). Empty: the graph holds its weights
     inference_external: list[str] = Field(default_factory=list)

@@ -55,6 +55,9 @@ class Task(_Body):
     delta: bool = True
     deadline_ts: float | None = None
     trainable_blocks: list[int] | None = None
+    #: global-state name -> this task's bundle's name, where they differ (an emulator variant of the round's
+    #: bundle numbers its blocks its own way); the update comes back in the bundle's names
+    tensor_names: dict[str, str] | None = None
 
 
 class Ack(_Body):

@@ -31,6 +31,7 @@ never widen an ACL pattern or escape its subtree.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,6 +88,17 @@ def _check_round(value: int) -> int:
     return value
 
 
+def _device_topic(kind: str) -> Callable[[Topics, str], str]:
+    """A :class:`Topics` method: ``deft/v1/<fleet>/device/<id>/<kind>`` for a device id."""
+
+    def topic(self: Topics, device: str) -> str:
+        return self._dev(device, kind)
+
+    topic.__name__ = topic.__qualname__ = kind.replace("-", "_")
+    topic.__doc__ = f"``deft/v1/<fleet>/device/<id>/{kind}``"
+    return topic
+
+
 @dataclass(frozen=True)
 class Topics:
     """Topic builder for one fleet. ``Topics("lab").update("pi-1", 3)`` -> ``deft/v1/lab/device/pi-1/update/3``."""
@@ -104,26 +116,15 @@ class Topics:
     def _dev(self, device: str, kind: str) -> str:
         return f"{self.base}/device/{check_id(device)}/{kind}"
 
-    def hello(self, device: str) -> str:
-        return self._dev(device, "hello")
-
-    def heartbeat(self, device: str) -> str:
-        return self._dev(device, "heartbeat")
-
-    def status(self, device: str) -> str:
-        return self._dev(device, "status")
+    hello = _device_topic("hello")
+    heartbeat = _device_topic("heartbeat")
+    status = _device_topic("status")
+    device_ack = _device_topic("ack")
+    bundle_request = _device_topic("bundle-request")
+    prompt = _device_topic("prompt")
 
     def update(self, device: str, round: int) -> str:
         return f"{self._dev(device, 'update')}/{_check_round(round)}"
-
-    def device_ack(self, device: str) -> str:
-        return self._dev(device, "ack")
-
-    def bundle_request(self, device: str) -> str:
-        return self._dev(device, "bundle-request")
-
-    def prompt(self, device: str) -> str:
-        return self._dev(device, "prompt")
 
     def prompt_to(self, device: str, peer: str) -> str:
         """Device ``device`` sends a prompt directly to ``peer`` (who alone may read it)."""

@@ -5,7 +5,7 @@ Both the device (``deft device run --broker URL``) and the edge (external broker
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from device_runtime.protocol.errors import ConnectError
@@ -13,13 +13,13 @@ from device_runtime.protocol.errors import ConnectError
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BrokerURL:
     scheme: str
     host: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # nor in a repr (logs, tracebacks)
 
     @property
     def tls(self) -> bool:

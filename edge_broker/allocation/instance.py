@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from device_runtime.errors import DeftError
+from device_runtime.errors import DeftError, existing_file
 
 LN2 = math.log(2.0)
 
@@ -63,6 +64,12 @@ class Block(_Strict):
     update_bytes: float = Field(ge=0, allow_inf_nan=False, description="bytes uploaded for this block")
 
 
+
+def repeated(ids: Iterable[str]) -> list[str]:
+    """The ids that occur more than once, sorted: for one-line "ids must be unique" errors."""
+    seen = list(ids)
+    return sorted({i for i in seen if seen.count(i) > 1})
+
 class Instance(_Strict):
     """Devices, blocks and the shared uplink."""
 
@@ -73,9 +80,7 @@ class Instance(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Instance:
-        ids = [d.id for d in self.devices]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
+        if dup := repeated(d.id for d in self.devices):
             raise ValueError(f"device ids must be unique; repeated: {', '.join(dup)}")
         depths = [b.depth for b in self.blocks]
         if len(set(depths)) != len(depths):
@@ -104,11 +109,8 @@ class Instance(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> Instance:
-        p = Path(path)
-        if not p.is_file():
-            raise InstanceError(
-                f"instance file {p} not found; pass a JSON file with devices, blocks and noise"
-            )
+        p = existing_file(path, InstanceError,
+                          "instance file {path} not found; pass a JSON file with devices, blocks and noise")
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as exc:

@@ -33,6 +33,7 @@ def start_broker(
     fleets: list[str] | None = None,
     max_packet_size: int | None = None,
     tls: object | None = None,
+    websockets: object | None = None,
     timeout: float = 20.0,
 ) -> Broker:
     """Write the config and start a broker; ``auto`` is Mosquitto if installed, else embedded (with a warning)."""
@@ -53,10 +54,14 @@ def start_broker(
         raise BrokerError(f"port {port} is out of range: use 1-65535, or 0 for any free port")
     if kind == "mosquitto" or (kind == "auto" and find_mosquitto()):
         cfg = MosquittoConfig(host=host, port=port, fleets=fleets,
-                              max_packet_size=max_packet_size or DEFAULT_MAX_PACKET_SIZE, tls=tls)  # type: ignore[arg-type]
+                              max_packet_size=max_packet_size or DEFAULT_MAX_PACKET_SIZE, tls=tls,  # type: ignore[arg-type]
+                              websockets=websockets)  # type: ignore[arg-type]
         b = MosquittoBroker(workdir, accounts, cfg)
         b.write_files()
         return b.start(timeout)
+    if websockets is not None:
+        raise BrokerError("the embedded broker has no WebSocket listener in the kit: install mosquitto for browser "
+                          "devices")
     if tls is not None:
         raise BrokerError("the embedded broker has no TLS support in the kit: install mosquitto for mqtts://")
     e = EmbeddedBroker(workdir, accounts, host=host, port=port, fleets=fleets)

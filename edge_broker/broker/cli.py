@@ -33,6 +33,8 @@ def broker_command(
     tls_ca: Path = typer.Option(None, help="CA for client certificates."),
     tls_port: int = typer.Option(8883, help="mqtts:// port."),
     require_client_cert: bool = typer.Option(False, help="Require client certificates (CN = device id)."),
+    ws_port: int = typer.Option(None, help="Also listen for MQTT over WebSockets here (browser devices, "
+                                "`deft edge serve --web`); wss:// with --tls-cert/--tls-key."),
     run_for: float = typer.Option(0.0, help="Stop after this many seconds (0: until Ctrl-C)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary line instead of text."),
 ) -> None:
@@ -58,8 +60,14 @@ def broker_command(
 
             tls = TLSListener(port=tls_port, certfile=str(tls_cert.resolve()), keyfile=str(tls_key.resolve()),
                               cafile=str(tls_ca.resolve()) if tls_ca else None, require_client_cert=require_client_cert)
+        ws = None
+        if ws_port:
+            from edge_broker.broker.mosquitto import WebSocketListener
+
+            ws = WebSocketListener(port=ws_port, certfile=str(tls_cert.resolve()) if tls_cert else None,
+                                   keyfile=str(tls_key.resolve()) if tls_key else None)
         broker = start_broker(workdir, accounts, kind=kind.value, host=host, port=port, fleets=[fleet],  # type: ignore[arg-type]
-                              max_packet_size=max_packet_size, tls=tls)
+                              max_packet_size=max_packet_size, tls=tls, websockets=ws)
     except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -69,6 +77,8 @@ def broker_command(
              f"-t '{Topics(fleet).everything()}' -v")
     summary = {"broker": broker.kind, "url": broker.url, "accounts": str(path), "fleet": fleet,
                "devices": [a.username for a in accounts if a.role == "device"], "watch": watch}
+    if ws_port:
+        summary["websockets"] = f"{'wss' if tls_cert else 'ws'}://{broker.host}:{ws_port}"
     if json_out:
         typer.echo(json.dumps(summary))
     else:

@@ -44,10 +44,24 @@ class TLSListener:
     """An mqtts:// listener. With ``require_client_cert`` the certificate's CN becomes the user name."""
 
     port: int
+    #: PEM server certificate and its private key
     certfile: str
     keyfile: str
+    #: PEM CA bundle that client certificates are checked against (with ``require_client_cert``)
     cafile: str | None = None
     require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class WebSocketListener:
+    """An MQTT-over-WebSockets listener for browser devices (``device_web/``): the same accounts and
+    ACL as every other listener. With ``certfile``/``keyfile`` it is ``wss://`` (what a phone page
+    served over HTTPS must use: browsers refuse ``ws://`` from a secure page)."""
+
+    port: int
+    host: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
 
 
 @dataclass
@@ -65,6 +79,8 @@ class MosquittoConfig:
     tls: TLSListener | None = None
     #: also open the plain TCP listener when TLS is on
     plain_listener: bool = True
+    #: MQTT over WebSockets for browser devices (None: no such listener)
+    websockets: WebSocketListener | None = None
 
 
 def render_acl(accounts: list[Account], fleets: list[str]) -> str:
@@ -116,6 +132,13 @@ def render_config(cfg: MosquittoConfig, workdir: Path) -> str:
             if not t.cafile:
                 raise BrokerError("client certificates need the CA that signed them: give cafile")
             lines += ["require_certificate true", "use_identity_as_username true"]
+    if cfg.websockets is not None:
+        w = cfg.websockets
+        lines += ["", f"listener {w.port} {w.host or cfg.host}", "protocol websockets"]
+        if (w.certfile is None) != (w.keyfile is None):
+            raise BrokerError("a wss:// listener needs both certfile and keyfile")
+        if w.certfile:
+            lines += [f"certfile {w.certfile}", f"keyfile {w.keyfile}"]
     return "\n".join(lines) + "\n"
 
 
@@ -186,6 +209,15 @@ class MosquittoBroker(ProcessBroker):
                 return f.read().decode(errors="replace").strip()
         except OSError:
             return ""
+
+    def start(self, timeout: float | None = None) -> MosquittoBroker:
+        """Start; with a WebSocket listener, return once that accepts connections too (it opens after TCP)."""
+        super().start(timeout)
+        w = self.config.websockets
+        if w is not None and not wait_port(w.host or self.host, w.port, 10.0):
+            self.stop()
+            raise BrokerError(f"mosquitto's WebSocket listener on port {w.port} did not open; see {self.log_path}")
+        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Mosquitto saves its persistence file), then SIGKILL if it hangs; wait for the port."""

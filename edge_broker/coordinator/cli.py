@@ -15,6 +15,7 @@ from device_runtime.choices import choices
 from device_runtime.errors import DeftError, first_error
 from device_runtime.payload import ENCODINGS
 from device_runtime.protocol.topics import DEFAULT_FLEET
+from edge_broker.channel import cli as ch
 from edge_broker.coordinator.config import AllocationMethod
 
 EncodingChoice = choices("EncodingChoice", ENCODINGS)
@@ -68,19 +69,45 @@ def serve_command(
     cost_table: Path = typer.Option(None, help="Per-block cost table from `deft hw profile` (default: an estimate)."),
     total_bandwidth: float = typer.Option(20e6, help="Uplink bandwidth the fleet shares, Hz (joint allocation)."),
     max_packet_size: int = typer.Option(None, help="The broker's packet limit if it cannot announce it (MQTT 3.1.1)."),
+    controller: Path = typer.Option(None, help="FedPEAT: a PPO policy (`deft edge controller train`) picks each "
+                                    "round's devices, emulator variants and local steps."),
+    variant: list[str] = typer.Option([], help="LAYOUT=BUNDLE_DIR (repeatable): the emulator variant bundles the "
+                                      "controller chooses among, e.g. 1,1,1=bundles/emu111."),
+    channel: ch.ChannelChoice = ch.CHANNEL, snr_db: float = ch.SNR_DB, truncation: float = ch.TRUNCATION,
+    subchannels: int = ch.SUBCHANNELS, cell_radius: float = ch.CELL_RADIUS, path_loss_exponent: float = ch.PATH_LOSS,
+    channel_seed: int = ch.CHANNEL_SEED,
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON line at the end."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log every message."),
+    web: bool = typer.Option(False, "--web", help="Also serve the browser device page (device_web/) for phones."),
+    web_host: str = typer.Option("0.0.0.0", help="Address the page is served on (--web)."),
+    web_port: int = typer.Option(8080, help="Port of the page (--web)."),
+    ws_url: str = typer.Option(None, help="The broker's MQTT-over-WebSockets URL the page connects to "
+                               "(default ws://<this host>:9001; `deft edge broker --ws-port 9001` opens it)."),
+    web_cert: Path = typer.Option(None, help="Certificate (PEM) to serve the page over HTTPS (phones need it "
+                                  "for WASM threads)."),
+    web_key: Path = typer.Option(None, help="Its key (PEM)."),
 ) -> None:
     """Run the rounds: distribute the bundle, collect and validate updates, aggregate, plug in, report."""
     opts = dict(locals())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    page = None
     try:
         coord = _coordinator(opts)
+        if web:
+            from edge_broker.web import announce, serve_page
+
+            page = serve_page(web_host, web_port, certfile=web_cert, keyfile=web_key,
+                              bundles={coord.bundle.hash: coord.bundle.root})
+            typer.echo(announce(page, web_host, ws_url, fleet), err=True)
     except DeftError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    _print_report(_run(coord), json_out)
+    try:
+        _print_report(_run(coord), json_out)
+    finally:
+        if page is not None:
+            page.stop()
 
 
 def _run(coord) -> dict:
@@ -122,12 +149,21 @@ def _coordinator(o: dict):
     same = ("broker", "username", "fleet", "bundle", "workdir", "rounds", "min_devices", "min_updates", "quorum",
             "strategy", "clip_norm", "max_update_bytes", "eval_data", "model", "eval_bundle", "cost_table",
             "total_bandwidth", "max_packet_size")
+    variants = {}
+    for kv in o["variant"]:
+        layout, sep, path = kv.partition("=")
+        if not sep or not path:
+            raise CoordinatorError(f"--variant {kv!r}: give LAYOUT=BUNDLE_DIR, e.g. --variant 1,2,1=bundles/emu121")
+        variants[layout.strip()] = Path(path)
     try:
         cfg = CoordinatorConfig(
             **{k: o[k] for k in same}, password=_password(o["password"], o["accounts"], o["username"]),
             devices=[d.strip() for d in o["devices"].split(",") if d.strip()] or None,
             wait_devices_s=o["wait_devices"], deadline_s=o["deadline"], strategy_params=params, hyperparams=hp,
-            encoding=o["encoding"].value, allocation=o["allocation"].value if o["allocation"] else None)
+            encoding=o["encoding"].value, allocation=o["allocation"].value if o["allocation"] else None,
+            controller=o["controller"], controller_variants=variants,
+            channel=ch.channel_config(o["channel"], o["snr_db"], o["truncation"], o["subchannels"], o["cell_radius"],
+                                      o["path_loss_exponent"], o["channel_seed"]))
     except ValidationError as exc:
         raise CoordinatorError("{}: {}".format(*first_error(exc, "config"))) from None
     return Coordinator(cfg)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from device_runtime.errors import DeftError
 from device_runtime.payload import Encoding
 from device_runtime.protocol.topics import DEFAULT_FLEET
+from edge_broker.channel.config import ChannelConfig
 
 #: how ``--allocation`` matches devices to blocks (``edge_broker.allocation``)
 AllocationMethod = Literal["crunch", "joint", "greedy", "random", "equal"]
@@ -69,11 +70,22 @@ class CoordinatorConfig(BaseModel):
     total_bandwidth: float = Field(20e6, gt=0)
     #: local steps per round the allocator assumes when the task gives epochs, not steps
     plan_steps: int = Field(100, ge=1)
+    #: FedPEAT round controller: a PPO policy directory (`deft edge controller train`) picks each round's
+    #: devices, emulator variants and local steps; the variant bundles by layout (the bundle is its own)
+    controller: Path | None = None
+    controller_variants: dict[str, Path] = Field(default_factory=dict)
+    #: the simulated uplink the updates are aggregated through (ideal: none; aircomp: over the air)
+    channel: ChannelConfig = Field(default_factory=ChannelConfig)
 
     @model_validator(mode="after")
     def _check(self) -> CoordinatorConfig:
         if self.devices is not None and self.min_devices > len(self.devices):
             raise ValueError(f"min_devices={self.min_devices} but only {len(self.devices)} devices are listed")
+        if self.controller is not None and self.allocation is not None:
+            raise ValueError("--controller and --allocation both plan the round; use one of them")
+        if self.channel.kind == "aircomp" and (self.strategy in ("median", "trimmed_mean") or self.allocation):
+            raise ValueError("over-the-air aggregation hears only the mean of all devices' whole updates: "
+                             "use --strategy fedavg or fedadam and no --allocation with --channel aircomp")
         return self
 
     @property

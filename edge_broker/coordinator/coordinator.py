@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from device_runtime.bundle.load import load_bundle
-from device_runtime.errors import DeviceError
+from device_runtime.errors import DeftError, DeviceError
 from device_runtime.payload import BYTES_PER_VALUE
 from device_runtime.protocol import Envelope, ProtocolError, Task, Topics, to_envelope
 from device_runtime.weights import initial_tensors
 from edge_broker.aggregation import get_strategy
+from edge_broker.channel.step import make_channel
 from edge_broker.coordinator.bundle_server import BundleServer
 from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
 from edge_broker.coordinator.evaluation import Evaluations, plug_in_and_report
@@ -68,6 +69,8 @@ class Coordinator:
         self.watchdog: Callable[[], str | None] | None = None
         #: the seam between "updates received" and "aggregate" (see edge_broker.coordinator.updates)
         self.update_transforms: list[UpdateTransform] = []
+        #: what the edge hears of the updates (None: exactly what it received; see edge_broker.channel)
+        self.channel = make_channel(cfg.channel.model_copy(update={"digital_bits": 8 * BYTES_PER_VALUE[cfg.encoding]}))
         self.policy = ClosePolicy(min_updates=cfg.min_updates, quorum=cfg.quorum,
                                   max_extensions=cfg.max_deadline_extensions, deadline_s=cfg.deadline_s)
         self._planner = None
@@ -77,6 +80,14 @@ class Coordinator:
             steps = int(cfg.hyperparams.get("steps") or cfg.plan_steps)
             self._planner = BlockPlanner(self.bundle, cfg.workdir / "variants", cfg.allocation, cfg.cost_table,
                                          cfg.total_bandwidth, steps, BYTES_PER_VALUE[cfg.encoding])
+        self._controller = None
+        if cfg.controller is not None:
+            from edge_broker.controller.serve import RoundController
+
+            try:
+                self._controller = RoundController(cfg.controller, self.bundle, cfg.controller_variants)
+            except DeftError as exc:
+                raise CoordinatorError(str(exc)) from None
         self.evaluations = (Evaluations(self.bundle, cfg.eval_data, cfg.model, cfg.eval_bundle)
                             if cfg.eval_data is not None else None)
 
@@ -153,6 +164,8 @@ class Coordinator:
                                                                              if r.status == "closed" and r.result]}
         if self.evaluations is not None and self.cfg.eval_initial:
             report["initial_accuracy"] = self._initial_accuracy(g)
+            if self._controller is not None:
+                self._controller.set_accuracy(report["initial_accuracy"])
             self.on_event({"event": "initial_eval", "accuracy": report["initial_accuracy"]})
         for r in range(1, self.cfg.rounds + 1):
             rec = self.store.round(r)
@@ -196,6 +209,8 @@ class Coordinator:
             config: dict[str, Any] = {"selected": selected, "global_round": g_round}
             if self._planner is not None:
                 config.update(self._planner.round_config([d for d in self.store.devices() if d.id in selected]))
+            if self._controller is not None:
+                config.update(self._controller.round_config(selected, self.cfg.hyperparams))
             rec = self.store.open_round(r, bundle_hash=self.bundle.hash, config=config,
                                         deadline=time.time() + self.cfg.deadline_s)
             log.info("round %d opened with %s (deadline in %.0fs)", r, ", ".join(config["selected"]),
@@ -223,13 +238,14 @@ class Coordinator:
     def send_tasks(self, rec: RoundRecord, g_round: int) -> None:
         """Each selected device's task; sent to those that have not answered yet."""
         r, open_ = rec.round, self.inbox.open
-        blocks = rec.config.get("blocks", {})
+        blocks, hyper = rec.config.get("blocks", {}), rec.config.get("hyperparams", {})
+        names = rec.config.get("tensor_names", {})
         for d in open_.selected:
             bundle_hash = open_.variants[d].hash if d in open_.variants else self.bundle.hash
             task = Task(round=r, bundle_hash=bundle_hash, global_round=g_round,
-                        global_sha256=self._global_env.header.sha256, hyperparams=self.cfg.hyperparams,
+                        global_sha256=self._global_env.header.sha256, hyperparams=hyper.get(d, self.cfg.hyperparams),
                         encoding=self.cfg.encoding, delta=self.cfg.delta, deadline_ts=rec.deadline,
-                        trainable_blocks=blocks.get(d))
+                        trainable_blocks=blocks.get(d), tensor_names=names.get(d))
             open_.tasks[d] = to_envelope(task, sender=self.cfg.username, fleet=self.cfg.fleet, round=r)
         # all tasks back to back, one wait for the broker's acknowledgements (not a round trip per device)
         sends = [(self.topics.task_for(d, r), open_.tasks[d]) for d in open_.selected
@@ -273,7 +289,12 @@ class Coordinator:
         """Aggregate, evaluate, publish the new global state, commit; the round's result."""
         r = rec.round
         rules = self.inbox.rules(r, self.registry.registered())
-        new, summary = aggregate_round(self.store, rules, self.strategy, g, self.update_transforms)
+        transforms = list(self.update_transforms)
+        if rec.config.get("tensor_names"):  # emulator variants: their updates back in the global names
+            from edge_broker.controller.variants import rename_updates
+
+            transforms.insert(0, lambda ups: rename_updates(ups, rec.config["tensor_names"]))
+        new, summary = aggregate_round(self.store, rules, self.strategy, g, transforms, self.channel)
         result: dict[str, Any] = {"round": r, "selected": list(state.selected), "missing": state.pending,
                                   "deadline_hit": verdict is Verdict.DEADLINE, "accepted": len(summary["devices"]),
                                   "rejected": dict(self.stats.rejected), "duplicates": self.stats.duplicates,
@@ -282,6 +303,10 @@ class Coordinator:
             result["allocation"] = self._measured_allocation(rec)
         if self.evaluations is not None:
             result.update(self.evaluations.round_result(new))
+        if "controller" in rec.config:
+            result["controller"] = self._controller_report(rec)
+            if self._controller is not None:
+                self._controller.observe(result.get("accuracy"))
         # publish before committing: a crash in between re-aggregates the same updates to the same tensors
         self._publish_global(r, new)
         result.update(bytes_up=self.stats.bytes_up, bytes_down=self.stats.bytes_down,
@@ -304,6 +329,20 @@ class Coordinator:
                "measured_device_latency_s": measured}
         log.info("round %d: predicted latency %.2fs (%s), measured %.2fs", rec.round, plan["round_latency_s"],
                  plan["method"], out["measured_latency_s"] or float("nan"))
+        return out
+
+    def _controller_report(self, rec: RoundRecord) -> dict[str, Any]:
+        """The controller's choices next to what happened: each device's time and peak RSS vs its budget."""
+        out = dict(rec.config["controller"])
+        choices = {d: dict(c) for d, c in out.get("choices", {}).items()}
+        for u in self.store.updates(rec.round, with_payload=False):
+            c = choices.get(u.device)
+            if c is None:
+                continue
+            rss = (u.meta.get("metrics") or {}).get("peak_rss_mb")
+            c.update(measured_s=round(u.received - rec.started, 2), peak_rss_mb=rss,
+                     within_budget=None if rss is None else rss <= c["memory_budget_mb"])
+        out["choices"] = choices
         return out
 
     def close(self) -> None:

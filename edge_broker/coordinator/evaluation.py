@@ -55,31 +55,9 @@ class FullModelEvaluator:
 
     def evaluate(self, tensors: Mapping[str, np.ndarray]) -> dict:
         """Accuracy and mean loss of the full model with ``tensors`` plugged in."""
-        import torch
-
         t0 = time.perf_counter()
-        model = self._plug(tensors)
-        ds = self.ds
-        correct, loss_sum, n, count = 0, 0.0, len(ds), 0
-        with torch.inference_mode():
-            for s in range(0, n, self.batch_size):
-                idx = np.arange(s, min(n, s + self.batch_size))
-                b = ds.batch(idx)
-                out = model(input_ids=torch.from_numpy(b["input_ids"]),
-                            attention_mask=torch.from_numpy(b["attention_mask"]))
-                logits = out.logits.float()
-                labels = torch.from_numpy(b["labels"])
-                if logits.dim() == 3:  # causal LM: next-token loss and accuracy over the real tokens
-                    logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-                    keep = labels != -100
-                    logits, labels = logits[keep], labels[keep]
-                    count += int(keep.sum())
-                else:
-                    count += len(idx)
-                loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == labels).sum())
-        return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count), "rows": n,
-                "eval_s": round(time.perf_counter() - t0, 3)}
+        res = score_model(self._plug(tensors), self.ds, self.batch_size)
+        return {**res, "eval_s": round(time.perf_counter() - t0, 3)}
 
     def save_adapter(self, tensors: Mapping[str, np.ndarray], out_dir: str | Path) -> Path:
         from export.plugin import save_adapter
@@ -159,3 +137,29 @@ def plug_in_and_report(report: dict, last: tuple[int, dict[str, np.ndarray]] | N
     report["report"] = str(path)
     report["plot"] = str(png) if png else None
     return report
+
+
+def score_model(model, ds, batch_size: int = 64) -> dict:
+    """Accuracy and mean loss of a torch model on a tokenized dataset (``device_runtime.data.Dataset``):
+    per row for classification, per real next token for a causal LM."""
+    import torch
+
+    correct, loss_sum, n, count = 0, 0.0, len(ds), 0
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            idx = np.arange(s, min(n, s + batch_size))
+            b = ds.batch(idx)
+            out = model(input_ids=torch.from_numpy(b["input_ids"]),
+                        attention_mask=torch.from_numpy(b["attention_mask"]))
+            logits = out.logits.float()
+            labels = torch.from_numpy(b["labels"])
+            if logits.dim() == 3:  # causal LM: next-token loss and accuracy over the real tokens
+                logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+                keep = labels != -100
+                logits, labels = logits[keep], labels[keep]
+                count += int(keep.sum())
+            else:
+                count += len(idx)
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+    return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count), "rows": n}

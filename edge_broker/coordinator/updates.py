@@ -10,6 +10,9 @@ then hands them to the strategy. The identity (no transforms) is today's behavio
 over-the-air channel simulator (noise, fading and lost updates on the uplink) and a prompt pool
 (keep the received soft prompts, aggregate only some tensors) plug in, without touching the
 intake, the state machine or the strategies: the coordinator passes ``Coordinator.update_transforms``.
+After them, ``channel`` (an :data:`edge_broker.channel.step.Channel`, e.g. over-the-air aggregation)
+turns what the devices sent into what the edge hears; it needs the global tensors and the round, and
+returns a report that lands in the round's summary under ``"channel"``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 from device_runtime.bundle.manifest import Manifest
 from device_runtime.protocol import Envelope
 from edge_broker.aggregation import ClientUpdate, Strategy
+from edge_broker.channel.step import Channel
 from edge_broker.store import AddResult, NewUpdate, Store
 from edge_broker.validation import RejectReason, UpdateRules, validate_payload
 
@@ -109,13 +113,17 @@ def received_updates(store: Store, rules: UpdateRules) -> tuple[list[ClientUpdat
 
 
 def aggregate_round(store: Store, rules: UpdateRules, strategy: Strategy, global_tensors: Mapping[str, np.ndarray],
-                    transforms: Sequence[UpdateTransform] = ()) -> tuple[dict[str, np.ndarray], dict]:
-    """The new global tensors from every update counted in the round (after ``transforms``, the seam
-    described in the module docstring), and a summary of them."""
+                    transforms: Sequence[UpdateTransform] = (), channel: Channel | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict]:
+    """The new global tensors from every update counted in the round (after ``transforms`` and
+    ``channel``, the seam described in the module docstring), and a summary of them."""
     t0 = time.perf_counter()
     ups, losses = received_updates(store, rules)
     for transform in transforms:
         ups = transform(ups)
+    heard = None
+    if channel is not None:
+        ups, heard = channel(ups, global_tensors, rules.round)
     if all(set(u.tensors) == set(global_tensors) for u in ups):
         new, rep = strategy.aggregate(global_tensors, ups)
         weights, norms, clipped = rep.weights, rep.delta_norms, list(rep.clipped)
@@ -131,6 +139,8 @@ def aggregate_round(store: Store, rules: UpdateRules, strategy: Strategy, global
         "mean_final_train_loss": float(np.mean(losses)) if losses else None,
         "aggregation_s": round(time.perf_counter() - t0, 4),
     }
+    if heard is not None:
+        summary["channel"] = heard
     return new, summary
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_broker.channel.config import ChannelConfig
 from edge_broker.demo.shards import label_skewed_shards, read_labelled_tsv, write_tsv
 
 REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "sst2"
@@ -51,6 +52,10 @@ class DemoOptions:
     fresh: bool = False
     device_threads: int = 1
     seed: int = 0
+    #: browser devices (device_web/ pages, e.g. phones) the round also waits for: `deft demo --web-devices N`
+    web_devices: int = 0
+    web_port: int = 8080
+    channel: ChannelConfig = field(default_factory=ChannelConfig)
     extra: dict = field(default_factory=dict)
 
 
@@ -134,6 +139,16 @@ class DeviceProcesses:
             log.close()
 
 
+def stop_run(coord, devices: DeviceProcesses, broker) -> None:
+    """Stop a loopback run's coordinator loop, device processes and broker (in that order)."""
+    if coord is not None:
+        coord.stop_requested = True
+    devices.stop()
+    if coord is not None:
+        coord.close()
+    broker.stop()
+
+
 def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[dict], None]) -> dict:
     from edge_broker.broker import make_accounts, start_broker
     from edge_broker.coordinator.config import CoordinatorConfig
@@ -150,21 +165,33 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
     say(f"{opts.devices} non-IID shards of {opts.rows_per_device} rows in {opts.workdir / 'data'}")
 
     names = [f"dev{i + 1}" for i in range(opts.devices)]
-    accounts = make_accounts(names)
+    web_names = [f"web{i + 1}" for i in range(opts.web_devices)]
+    accounts = make_accounts(names + web_names)
     pw = {a.username: a.password for a in accounts}
-    broker = start_broker(opts.workdir / "broker", accounts, kind=opts.broker, port=0, fleets=[FLEET])  # type: ignore[arg-type]
+    ws = None
+    if web_names:
+        from edge_broker.broker.base import free_port
+        from edge_broker.broker.mosquitto import WebSocketListener
+
+        ws = WebSocketListener(port=free_port(), host="0.0.0.0")  # phones on the LAN reach it
+    broker = start_broker(opts.workdir / "broker", accounts, kind=opts.broker, port=0, fleets=[FLEET],  # type: ignore[arg-type]
+                          websockets=ws)
     devices = DeviceProcesses()
     coord = None
+    page = None
     try:
+        if ws is not None:
+            page = announce_web_devices(opts, web_names, pw, ws.port, say, bundle)
         say(f"{broker.kind} broker at {broker.url}; watch it with: mosquitto_sub -h 127.0.0.1 -p {broker.port} "
             f"-u edge -P '{pw['edge']}' -t 'deft/v1/{FLEET}/#' -v")
         cfg = CoordinatorConfig(
             broker=broker.url, password=pw["edge"], fleet=FLEET, bundle=bundle, workdir=opts.workdir / "edge",
-            rounds=opts.rounds, devices=names, min_devices=opts.devices, wait_devices_s=300,
+            rounds=opts.rounds, devices=names + web_names, min_devices=opts.devices + opts.web_devices,
+            wait_devices_s=300 if not web_names else 1800,
             deadline_s=opts.deadline_s, strategy=opts.strategy, encoding=opts.encoding,  # type: ignore[arg-type]
             hyperparams={"epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr, "seed": opts.seed},
             eval_data=opts.eval_data, model=opts.model, eval_bundle=opts.emulator,
-            report_dir=opts.workdir / "report",
+            report_dir=opts.workdir / "report", channel=opts.channel,
             max_packet_size=broker.client_options().get("max_packet_size"))
         opts.extra["max_packet_size"] = cfg.max_packet_size
         coord = Coordinator(cfg, on_event=on_event)
@@ -183,16 +210,32 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None], on_event: Callable[[
         say(f"started {opts.devices} device processes (logs in {opts.workdir / 'logs'})")
         report = coord.run()
     finally:
-        if coord is not None:
-            coord.stop_requested = True
-        devices.stop()
-        if coord is not None:
-            coord.close()
-        broker.stop()
+        if page is not None:
+            page.stop()
+        stop_run(coord, devices, broker)
     report.update(broker=broker.kind, wall_s=round(time.perf_counter() - t0, 1), devices=opts.devices,
                   rows_per_device=opts.rows_per_device, emulator=opts.emulator, bundle_dir=str(bundle),
                   bundle_bytes=coord.bundles.bytes_sent if coord is not None else 0)
     return report
+
+
+def announce_web_devices(opts: DemoOptions, names: list[str], pw: dict[str, str], ws_port: int,
+                         say: Callable[[str], None], bundle: Path):
+    """Serve the browser device page and say how each browser device joins (URL, QR code, password, data)."""
+    from device_runtime.bundle.load import load_bundle
+    from edge_broker.demo.shards import read_labelled_tsv, write_tsv
+    from edge_broker.web import lan_address, qr_text, serve_page
+
+    page = serve_page("0.0.0.0", opts.web_port, bundles={load_bundle(bundle).hash: bundle})
+    host = lan_address()
+    fields, rows = read_labelled_tsv(opts.train_data)
+    for i, name in enumerate(names):  # 200 rows each from the end of the file (a browser trains a short round)
+        mine = rows[len(rows) - (i + 1) * 200:len(rows) - i * 200]
+        data = write_tsv(opts.workdir / "data" / f"{name}.tsv", fields, mine)
+        url = page.url(host, broker=f"ws://{host}:{ws_port}", fleet=FLEET, id=name)
+        say(f"browser device {name}: open {url} , password {pw[name]} , data: {data} (or type labelled rows)\n"
+            f"{qr_text(url)}")
+    return page
 
 
 def quiet_logging(verbose: bool) -> None:

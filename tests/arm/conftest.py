@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._agent_round import host_processes
 from tests.device_only.conftest import export_python
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,20 +78,5 @@ def arm_fixture(arm_fixtures_dir: Path) -> Callable[[str], Path]:
 def host_process() -> Iterator[Callable[..., subprocess.Popen]]:
     """``host_process("-m", "deftkit.cli", "edge", "broker", ...)`` -> a host Python process (text pipes);
     every process started is terminated (then killed) at teardown."""
-    procs: list[subprocess.Popen] = []
-
-    def start(*args: str) -> subprocess.Popen:
-        p = subprocess.Popen([str(host_python()), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=REPO, env=host_env())
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
+    with host_processes(str(host_python()), REPO, host_env()) as start:
+        yield start

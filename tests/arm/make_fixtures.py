@@ -235,12 +235,12 @@ def train_losses(bundle: Path) -> list[float]:
 @fixture("step_bundle")
 def _step_bundle(out: Path) -> None:
     """A tiny BERT step-graph bundle exported here (x86, torch) and its x86 losses."""
-    from export import export_bundle
-    from tests._models import make_tiny_model
+    from tests._models import DEVICE_BUNDLE_OPTIONS, cached_bundle, tiny_model_path
 
-    model = make_tiny_model("bert", out / "model")
-    export_bundle(str(model), out / "bundle", task="seq-cls", labels=["negative", "positive"], max_length=32)
-    # the model stays: the edge coordinator plugs the trained tensors into it to score each round
+    # from the shared test cache (exported once per CI run); its model stays there, where the bundle's
+    # manifest names it: the edge coordinator plugs the trained tensors into it to score each round
+    bundle = cached_bundle(tiny_model_path("bert"), **DEVICE_BUNDLE_OPTIONS["bert"])
+    shutil.copytree(bundle, out / "bundle")
     losses = train_losses(out / "bundle")
     (out / "losses.json").write_text(json.dumps({"machine": platform.machine(), "losses": losses}))
 

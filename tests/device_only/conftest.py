@@ -18,15 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 _EXPORT = """
 import sys
-from pathlib import Path
-from tests._models import make_tiny_model
-from export import export_bundle
-out, kind = Path(sys.argv[1]), sys.argv[2]
-model = make_tiny_model(kind, out.parent / (kind + "-model"))
-if kind == "gpt2":
-    export_bundle(str(model), out, task="causal-lm", max_length=32)
-else:
-    export_bundle(str(model), out, task="seq-cls", labels=["negative", "positive"], max_length=32)
+from tests._models import DEVICE_BUNDLE_OPTIONS, cached_bundle, tiny_model_path
+kind = sys.argv[1]
+print(cached_bundle(tiny_model_path(kind), **DEVICE_BUNDLE_OPTIONS[kind]))
 """
 
 
@@ -35,25 +29,27 @@ def export_python() -> Path:
     return p if p.is_absolute() else REPO / p
 
 
-def export_in_subprocess(kind: str, out: Path) -> Path:
+def export_in_subprocess(kind: str) -> Path:
+    """The tiny ``kind`` bundle from the shared test cache (``tests._models.cached_bundle``, exported there
+    by the host Python on first use); read-only to the tests."""
     py = export_python()
     if not py.exists():
         pytest.fail(f"the exporter's Python {py} does not exist; run `make install` or set DEFT_EXPORT_PYTHON")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([str(py), "-c", _EXPORT, str(out), kind], check=False, cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([str(py), "-c", _EXPORT, kind], check=False, cwd=REPO, capture_output=True, text=True,
                        timeout=600, env=env)
     assert r.returncode == 0, f"export of a tiny {kind} bundle failed:\n{r.stderr[-3000:]}"
-    return out
+    return Path(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")
-def device_bundle(tmp_path_factory) -> Path:
+def device_bundle() -> Path:
     given = os.environ.get("DEFT_DEVICE_BUNDLE")
     if given:
         return Path(given)
-    return export_in_subprocess("bert", tmp_path_factory.mktemp("device-bundles") / "bert")
+    return export_in_subprocess("bert")
 
 
 @pytest.fixture(scope="session")
-def device_lm_bundle(tmp_path_factory) -> Path:
-    return export_in_subprocess("gpt2", tmp_path_factory.mktemp("device-bundles") / "gpt2")
+def device_lm_bundle() -> Path:
+    return export_in_subprocess("gpt2")
