@@ -195,17 +195,14 @@ def export_bundle(
             del weights
             locate = {k: (WEIGHTS_FILE, off, length)
                       for k, (off, length) in safetensors_offsets(tmp / WEIGHTS_FILE).items()}
-            step_spec = StepSpec(external={
-                STEP_GRAPH: onnx_graph.strip_weights(step_graph, shapes, locate),
-                EVAL_GRAPH: onnx_graph.strip_weights(eval_graph, shapes, locate)})
-            for name, graph in ((STEP_GRAPH, step_graph), (EVAL_GRAPH, eval_graph)):
-                frozen_storage.cast_per_use(graph, frozen & set(step_spec.external[name]), cfg.frozen_dtype)
-            onnx.save(step_graph, str(tmp / STEP_GRAPH))
-            onnx.save(eval_graph, str(tmp / EVAL_GRAPH))
+            graphs = {STEP_GRAPH: step_graph, EVAL_GRAPH: eval_graph}
             if ensemble_graph is not None:
-                step_spec.external[ENSEMBLE_GRAPH] = onnx_graph.strip_weights(ensemble_graph, shapes, locate)
-                step_spec.ensemble_size = cfg.prompt_pool
-                onnx.save(ensemble_graph, str(tmp / ENSEMBLE_GRAPH))
+                graphs[ENSEMBLE_GRAPH] = ensemble_graph
+            external = {name: onnx_graph.strip_weights(graph, shapes, locate) for name, graph in graphs.items()}
+            step_spec = StepSpec(external=external, ensemble_size=cfg.prompt_pool)
+            for name, graph in graphs.items():
+                frozen_storage.cast_per_use(graph, frozen & set(external[name]), cfg.frozen_dtype)
+                onnx.save(graph, str(tmp / name))
         else:
             say("generating ONNX Runtime training artifacts")
             from export import training_artifacts

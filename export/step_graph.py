@@ -92,7 +92,8 @@ def make_step_fn(model: torch.nn.Module, task: str, num_virtual_tokens: int, tra
         for k in held:
             model.prompt_tokens[k[len(PROMPT_TOKENS):]] = values[k]
         try:
-            loss, _ = torch.func.functional_call(wrapper, state, (input_ids, attention_mask, labels))
+            with _module_tensors_kept(model):
+                loss, _ = torch.func.functional_call(wrapper, state, (input_ids, attention_mask, labels))
         finally:
             for k, v in saved.items():
                 model.prompt_tokens[k] = v
@@ -106,6 +107,23 @@ def make_step_fn(model: torch.nn.Module, task: str, num_virtual_tokens: int, tra
         return (loss, *new_p, *new_m, *new_v)
 
     return step
+
+
+@contextlib.contextmanager
+def _module_tensors_kept(model: torch.nn.Module):
+    """Put every module's own parameters and buffers back after a ``functional_call``.
+
+    ``functional_call`` swaps a tensor once per name and restores in the same order, so a module
+    reachable under two names (PEFT's ``word_embeddings`` is the base model's embedding module) gets
+    its traced (fake) weight back on the second restore: the model is left holding a FakeTensor and a
+    later export (the prompt-ensemble step) reads it as a frozen weight."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params, buffers in saved:
+            m._parameters.update(params)
+            m._buffers.update(buffers)
 
 
 def step_input_names(trainable: Sequence[str]) -> list[str]:
