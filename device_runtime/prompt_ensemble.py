@@ -54,16 +54,21 @@ def prompt_name(bundle: Bundle) -> str:
 # ------------------------------------------------------------------------------------ scoring members
 
 
-def member_log_probs(bundle: Bundle, members: Sequence[Tensors], ds: Dataset, *, batch_size: int = 64,
-                     threads: int | None = None) -> np.ndarray:
-    """Class log-probabilities of each member on ``ds``: (K, rows, classes). K forward passes, no backward."""
-    backend = StepBackend(bundle, threads=threads)
+def member_log_probs(bundle: Bundle, members: Sequence[Tensors], ds: Dataset, *, batch_size: int = 16,
+                     threads: int | None = None, backend: StepBackend | None = None) -> np.ndarray:
+    """Class log-probabilities of each member on ``ds``: (K, rows, classes). K forward passes, no backward
+    (on ``backend`` when given; its tensors change). Rows go in length order, so a batch pads to
+    about its own rows' length rather than the longest row's: the scoring is mostly padding otherwise."""
+    backend = backend if backend is not None else StepBackend(bundle, threads=threads)
+    order = np.argsort(ds.lengths, kind="stable")
+    batches = [order[s:s + batch_size] for s in range(0, len(ds), batch_size)]
     out = []
     for tensors in members:
         backend.set_tensors(tensors)
-        logits = [backend.logits(ds.batch(np.arange(s, min(s + batch_size, len(ds)))))
-                  for s in range(0, len(ds), batch_size)]
-        out.append(log_softmax(np.concatenate(logits).astype(np.float64)))
+        logits = np.empty((len(ds), len(bundle.manifest.labels)), dtype=np.float64)
+        for idx in batches:
+            logits[idx] = backend.logits(ds.batch(idx))
+        out.append(log_softmax(logits))
     return np.stack(out)
 
 
