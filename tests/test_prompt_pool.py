@@ -159,6 +159,24 @@ def test_ensemble_step_graph_trains_the_mix_of_pool_prompts(tiny_prompt_bundle, 
         train_embedding_mix(bundle, members[:2], ds, init_mix=init[:2], init_head=members[0])
 
 
+def test_member_log_probs_in_length_order_match_each_row_alone(tiny_prompt_bundle, tmp_path):
+    """Scoring in length-sorted batches puts every row's log-probabilities back in the file's order:
+    the same as scoring each row on its own (no padding at all)."""
+    from device_runtime.prompt_ensemble import log_softmax, member_log_probs
+    from device_runtime.step_backend import StepBackend
+
+    bundle = tiny_prompt_bundle
+    members = _members(bundle, 2, seed=2)
+    ds = load_dataset(_rows(tmp_path, 24), bundle.manifest, bundle.path("tokenizer.json"))
+    assert len(set(ds.lengths.tolist())) > 3  # rows of different lengths, so the order matters
+    got = member_log_probs(bundle, members, ds, batch_size=5)
+    backend = StepBackend(bundle)
+    for k, m in enumerate(members):
+        backend.set_tensors(m)
+        alone = np.concatenate([backend.logits(ds.batch(np.array([i]))) for i in range(len(ds))])
+        np.testing.assert_allclose(got[k], log_softmax(alone.astype(np.float64)), atol=1e-4)
+
+
 def test_fit_mix_finds_the_member_that_fits_and_its_gradient_is_exact():
     from device_runtime.prompt_ensemble import _nll_and_grad, ensemble_log_probs, fit_mix, log_softmax
 
