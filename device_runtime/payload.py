@@ -147,7 +147,8 @@ def encode_update(
         raise PayloadError("an update needs at least one tensor")
     values: dict[str, np.ndarray] = {}
     for name in sorted(tensors):
-        x = np.asarray(tensors[name], dtype=np.float32)
+        # contiguous: safetensors writes a strided view's underlying buffer, not its elements
+        x = np.ascontiguousarray(tensors[name], dtype=np.float32)
         if base is not None:
             if name not in base:
                 raise PayloadError(f"tensor {name!r} has no base tensor to compute a delta against")

@@ -93,12 +93,21 @@ class StepBackend:
 
     name = "ort"
 
-    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None, threads: int | None = None):
+    def __init__(self, bundle: Bundle, checkpoint: str | Path | None = None, threads: int | None = None, *,
+                 graph: str | None = None, trainable: Mapping[str, tuple[int, ...]] | None = None,
+                 fixed: Mapping[str, np.ndarray] | None = None):
+        """``graph``/``trainable``/``fixed`` train another step graph of the bundle with the same contract
+        (the prompt ensemble's): its trainable tensors (name -> shape; those the bundle's weights lack
+        start at zero) and inputs it takes unchanged at every step (the pool of prompts)."""
         self._ort = _onnxruntime()
         self.bundle = bundle
         self.manifest = bundle.manifest
         self._threads = threads
-        names = self.manifest.trainable_names
+        self._graph = graph or self.manifest.step.train_graph
+        self._shapes = dict(trainable) if trainable is not None else {
+            t.name: tuple(t.shape) for t in self.manifest.trainable}
+        self._fixed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (fixed or {}).items()}
+        names = list(self._shapes)
         self._names = names
         weights = initial_tensors(bundle)
         #: frozen weights replaced at run time (``set_frozen``); the rest ONNX Runtime reads from the file
@@ -109,18 +118,18 @@ class StepBackend:
         self._bufs = [self._zeros_state(), self._zeros_state()]
         self._cur = 0
         for n in names:
-            np.copyto(self._bufs[0][n], weights[n])
+            if n in weights:
+                np.copyto(self._bufs[0][n], weights[n])
         self._t = 0
         self._sessions: dict[str, object] = {}
         if checkpoint is not None:
             self._load(Path(checkpoint))
 
     def _zeros_state(self) -> dict[str, np.ndarray]:
-        shapes = {t.name: tuple(t.shape) for t in self.manifest.trainable}
         out = {}
         for prefix in ("", ADAM_M, ADAM_V):
             for n in self._names:
-                out[prefix + n] = np.zeros(shapes[n], dtype=np.float32)
+                out[prefix + n] = np.zeros(self._shapes[n], dtype=np.float32)
         return out
 
     # -- sessions ---------------------------------------------------------------------------------
@@ -149,7 +158,7 @@ class StepBackend:
         ort = self._ort
         if self.manifest.dropout:
             ort.set_seed(int(seed * 1_000_003 + step) % (2 ** 31))
-        sess = self._session(self.manifest.step.train_graph)
+        sess = self._session(self._graph)
         cur, nxt = self._bufs[self._cur], self._bufs[1 - self._cur]
         self._t += 1
         io = sess.io_binding()
@@ -157,7 +166,7 @@ class StepBackend:
             io.bind_cpu_input(key, np.ascontiguousarray(batch[key], dtype=np.int64))
         io.bind_cpu_input(STEP_LR, np.asarray(lr, dtype=np.float32))
         io.bind_cpu_input(STEP_T, np.asarray(self._t, dtype=np.float32))
-        for key, arr in cur.items():
+        for key, arr in (*cur.items(), *self._fixed.items()):
             io.bind_cpu_input(key, arr)
         for key, arr in nxt.items():
             io.bind_output(NEW + key, "cpu", 0, np.float32, arr.shape, arr.ctypes.data)

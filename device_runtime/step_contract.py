@@ -16,3 +16,9 @@ ADAM_V = "adam_v/"
 NEW = "new/"
 #: AdamW constants (ONNX Runtime's adam_mode=1 defaults, the kit's optimizer since schema 1)
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-6
+
+#: the prompt-ensemble step graph (``--prompt-pool K``): K frozen pool prompts come in as one input
+#: (K, tokens, hidden); the trainable ``ENSEMBLE_MIX`` (K logits) mixes them, P = sum_k softmax(mix)_k P_k
+ENSEMBLE_GRAPH = "prompt_ensemble.onnx"
+ENSEMBLE_MIX = "prompt_ensemble.mix"
+ENSEMBLE_POOL = "prompt_ensemble.pool"

@@ -17,6 +17,7 @@ from edge_broker.channel import cli as ch
 
 EncodingChoice = choices("EncodingChoice", ENCODINGS)
 BrokerKind = choices("BrokerKind", get_args(Kind))
+Scenario = choices("Scenario", ("rounds", "prompts"))
 
 
 def demo_command(
@@ -42,6 +43,10 @@ def demo_command(
     channel_seed: int = ch.CHANNEL_SEED,
     json_out: bool = typer.Option(False, "--json", help="Last stdout line: a JSON summary."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log the coordinator's messages."),
+    scenario: Scenario = typer.Option("rounds", help="rounds: federated LoRA rounds; prompts: a prompt pool and a "
+                                      "newcomer comparing own, transferred and ensembled prompts."),
+    seeds: int = typer.Option(3, min=1, help="--scenario prompts: newcomer comparisons (seeds) to average."),
+    newcomer_rows: int = typer.Option(64, min=4, help="--scenario prompts: the newcomer's labelled rows."),
 ) -> None:
     """Export MiniLM, start a broker, a coordinator and device processes, run federated rounds on SST-2."""
     from rich.console import Console
@@ -54,6 +59,14 @@ def demo_command(
 
     def say(msg: str) -> None:
         console.print(f"[dim]{__import__('time').perf_counter() - t0:6.1f}s[/dim] {msg}")
+
+    if scenario.value == "prompts":
+        from edge_broker.demo.prompts_cli import prompts_scenario
+
+        workdir = workdir if workdir != Path("deft-demo") else Path("deft-demo-prompts")
+        prompts_scenario(console, say, json_out, workdir=workdir, seeds=seeds, newcomer_rows=newcomer_rows,
+                         broker=broker.value, fresh=fresh, skew=skew)
+        return
 
     def on_event(e: dict) -> None:
         kind = e["event"]

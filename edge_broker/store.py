@@ -1,4 +1,5 @@
-"""SQLite persistence for the coordinator: devices, rounds, received updates, global tensors, strategy state.
+"""SQLite persistence for the coordinator: devices, rounds, received updates, global tensors, strategy state,
+and the prompt pool (each device's latest shared soft prompt).
 
 Why SQLite (stdlib, WAL, ``synchronous=FULL``): every write is one transaction, so a coordinator
 killed with SIGKILL at any instant restarts with each update either fully stored or absent, never
@@ -66,6 +67,15 @@ CREATE TABLE IF NOT EXISTS globals (
     sha256 TEXT NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS prompts (
+    device TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    received REAL NOT NULL,
+    samples INTEGER NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}',
+    payload BLOB NOT NULL,
+    payload_sha256 TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS state (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL,
@@ -106,6 +116,18 @@ class NewUpdate:
     reason: str | None = None
     meta: Mapping[str, Any] | None = None
     now: float | None = None
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One device's prompt in the pool (its latest accepted one)."""
+
+    device: str
+    key: str
+    received: float
+    samples: int
+    meta: dict[str, Any]
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -350,6 +372,31 @@ class Store:
     def count_updates(self, round: int, accepted: bool = True) -> int:
         return self._db.execute("SELECT COUNT(*) FROM updates WHERE round=? AND accepted=?",
                                 (round, int(accepted))).fetchone()[0]
+
+    # ---- the prompt pool ------------------------------------------------------------------------
+    def put_prompt(self, key: str, *, device: str, samples: int, payload: bytes,
+                   meta: Mapping[str, Any] | None = None, now: float | None = None) -> bool:
+        """Store ``device``'s prompt, replacing its previous one; False if this key is already stored
+        (a QoS 1 redelivery)."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM prompts WHERE device=? AND key=?", (device, key)).fetchone() is not None:
+                return False
+            db.execute("INSERT OR REPLACE INTO prompts(device, key, received, samples, meta, payload, payload_sha256) "
+                       "VALUES (?,?,?,?,?,?,?)",
+                       (device, key, time.time() if now is None else now, int(samples), json.dumps(dict(meta or {})),
+                        payload, hashlib.sha256(payload).hexdigest()))
+        return True
+
+    def prompts(self) -> list[PromptRecord]:
+        """The pool: one prompt per device, by device id; a row that fails its sha256 is an error."""
+        rows = self._db.execute("SELECT device, key, received, samples, meta, payload, payload_sha256 FROM prompts "
+                                "ORDER BY device").fetchall()
+        out = []
+        for r in rows:
+            if hashlib.sha256(r[5]).hexdigest() != r[6]:
+                raise StoreError(f"the prompt of {r[0]} in {self.path} fails its sha256: the database is corrupt")
+            out.append(PromptRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), bytes(r[5])))
+        return out
 
     # ---- global tensors and state ---------------------------------------------------------------
     def save_global(self, round: int, tensors: Mapping[str, np.ndarray], now: float | None = None) -> None:

@@ -31,6 +31,7 @@ class RejectReason(StrEnum):
     WRONG_SHAPE = "wrong_shape"
     WRONG_DTYPE = "wrong_dtype"
     NON_FINITE = "non_finite"
+    WRONG_TASK = "wrong_task"  # a shared prompt for another task or label set than the pool's bundle
 
 
 @dataclass(frozen=True)
@@ -110,13 +111,19 @@ def validate_update(
                          f"update was trained on bundle {bundle_hash[:12]}, this round uses {want[:12]}")
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or not 0 < samples <= rules.max_samples:
         return Rejection(RejectReason.BAD_SAMPLES, f"samples={samples!r}; must be an integer in 1..{rules.max_samples}")
-    expected = rules.specs_for(device)
+    return check_tensors(rules.specs_for(device), tensors, allow_subset=rules.allow_subset)
+
+
+def check_tensors(expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], tensors: Mapping[str, np.ndarray], *,
+                  allow_subset: bool = False) -> Rejection | None:
+    """Names, shapes, dtypes and finite values of ``tensors`` against ``expected`` (name -> (shape, dtype)):
+    the tensor rules updates and shared prompts both follow."""
     extra = sorted(set(tensors) - set(expected))
     if extra:
         return Rejection(RejectReason.UNEXPECTED_TENSOR, f"{extra[0]!r} is not trainable in this bundle" +
                          (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
     missing = sorted(set(expected) - set(tensors))
-    if missing and (not rules.allow_subset or not tensors):
+    if missing and (not allow_subset or not tensors):
         return Rejection(RejectReason.MISSING_TENSOR, f"{missing[0]!r} is missing" +
                          (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     for name in sorted(tensors):
@@ -132,6 +139,29 @@ def validate_update(
             bad = int(arr.size - np.isfinite(arr).sum())
             return Rejection(RejectReason.NON_FINITE, f"{name!r} has {bad} NaN/Inf values")
     return None
+
+
+def _decode_from(blob: bytes, *, sender: str, devices: Collection[str], max_bytes: int) -> tuple[Any, Rejection | None]:
+    """The checks every payload from a device passes first, cheapest first: size, a registered sender,
+    a decodable blob with an intact content hash, the sender named in the payload. (Update, None) or
+    (None, rejection)."""
+    from device_runtime.errors import PayloadError
+    from device_runtime.payload import decode_update
+
+    if len(blob) > max_bytes:
+        return None, Rejection(RejectReason.TOO_LARGE, f"{len(blob)} bytes, limit {max_bytes}")
+    if sender not in devices:
+        return None, Rejection(RejectReason.UNKNOWN_DEVICE, f"device {sender!r} is not registered in this fleet")
+    try:
+        upd = decode_update(blob)
+    except PayloadError as exc:
+        return None, Rejection(RejectReason.MALFORMED, str(exc))
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is a malformed payload
+        return None, Rejection(RejectReason.MALFORMED, f"undecodable payload ({type(exc).__name__}: {exc})")
+    if upd.meta.device_id != sender:
+        return None, Rejection(RejectReason.DEVICE_MISMATCH,
+                               f"payload claims device {upd.meta.device_id!r} but was sent by {sender!r}")
+    return upd, None
 
 
 @dataclass
@@ -154,23 +184,10 @@ def validate_payload(
     ``sender`` is who the broker says sent it (the topic's device id, which the ACL ties to the
     login); ``round`` the topic's round. Exactly one of the two results is None.
     """
-    from device_runtime.errors import PayloadError
-    from device_runtime.payload import decode_update
-
-    if len(blob) > rules.max_bytes:
-        return None, Rejection(RejectReason.TOO_LARGE, f"{len(blob)} bytes, limit {rules.max_bytes}")
-    if sender not in rules.devices:
-        return None, Rejection(RejectReason.UNKNOWN_DEVICE, f"device {sender!r} is not registered in this fleet")
-    try:
-        upd = decode_update(blob)
-    except PayloadError as exc:
-        return None, Rejection(RejectReason.MALFORMED, str(exc))
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is a malformed payload
-        return None, Rejection(RejectReason.MALFORMED, f"undecodable payload ({type(exc).__name__}: {exc})")
+    upd, rej = _decode_from(blob, sender=sender, devices=rules.devices, max_bytes=rules.max_bytes)
+    if rej is not None:
+        return None, rej
     meta = upd.meta
-    if meta.device_id != sender:
-        return None, Rejection(RejectReason.DEVICE_MISMATCH,
-                               f"payload claims device {meta.device_id!r} but was sent by {sender!r}")
     if round is not None and meta.round != round:
         return None, Rejection(RejectReason.WRONG_ROUND,
                                f"payload says round {meta.round}, sent on round {round}'s topic")
@@ -179,3 +196,60 @@ def validate_payload(
     if rej is not None:
         return None, rej
     return CheckedUpdate(sender, meta.round, meta.samples, meta.kind == "delta", upd.tensors, dict(meta.metrics)), None
+
+
+@dataclass
+class PromptRules:
+    """What a shared soft prompt must look like to enter the edge's pool: the pool's bundle (hash,
+    trainable tensors: the prompt and, where trained, the head), its task and labels, a size limit."""
+
+    devices: Collection[str]
+    bundle_hash: str
+    specs: Sequence[Any]
+    task: str
+    labels: Sequence[str]
+    max_bytes: int = 1024 * 1024
+    max_samples: int = 10**9
+
+    def expected(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {n: (shape, dt) for n, shape, dt in map(_norm_spec, self.specs)}
+
+
+@dataclass
+class CheckedPrompt:
+    device: str
+    samples: int
+    info: Any  # device_runtime.protocol.PromptInfo
+    tensors: dict[str, np.ndarray]
+
+
+def validate_prompt(rules: PromptRules, blob: bytes, *, sender: str) -> tuple[CheckedPrompt | None, Rejection | None]:
+    """Decode a shared prompt (``device_runtime.prompts``) and check it like an update (size, sender,
+    content hash, bundle, tensors, finite values) plus its description (task, labels). Exactly one of
+    the two results is None."""
+    from device_runtime.errors import PayloadError
+    from device_runtime.prompts import prompt_info
+
+    upd, rej = _decode_from(blob, sender=sender, devices=rules.devices, max_bytes=rules.max_bytes)
+    if rej is not None:
+        return None, rej
+    try:
+        info = prompt_info(upd)
+    except PayloadError as exc:
+        return None, Rejection(RejectReason.MALFORMED, str(exc))
+    meta = upd.meta
+    if meta.bundle_hash != rules.bundle_hash:
+        return None, Rejection(RejectReason.WRONG_BUNDLE, f"prompt was trained on bundle {meta.bundle_hash[:12]}, "
+                                                          f"the pool holds prompts of {rules.bundle_hash[:12]}")
+    if info.task != rules.task or list(info.labels) != list(rules.labels):
+        return None, Rejection(RejectReason.WRONG_TASK, f"prompt is for {info.task} {list(info.labels)}, the pool "
+                                                        f"is for {rules.task} {list(rules.labels)}")
+    if meta.kind != "full":
+        return None, Rejection(RejectReason.MALFORMED, "a shared prompt carries full tensors, not a delta")
+    if isinstance(meta.samples, bool) or not 0 < meta.samples <= rules.max_samples:
+        return None, Rejection(RejectReason.BAD_SAMPLES,
+                               f"samples={meta.samples!r}; must be an integer in 1..{rules.max_samples}")
+    rej = check_tensors(rules.expected(), upd.tensors)
+    if rej is not None:
+        return None, rej
+    return CheckedPrompt(sender, meta.samples, info, upd.tensors), None

@@ -25,6 +25,7 @@ from device_runtime.bundle.manifest import (
     StepSpec,
     TensorSpec,
 )
+from device_runtime.step_contract import ENSEMBLE_GRAPH
 from device_runtime.weights import safetensors_offsets
 from export import frozen_storage, onnx_graph
 from export import step_graph as step_graph_mod
@@ -169,6 +170,13 @@ def export_bundle(
         say("tracing the training step (forward, backward, AdamW)")
         step_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
                                                       dropout=cfg.dropout)
+        ensemble_graph = None
+        if cfg.prompt_pool:
+            say(f"tracing the prompt-ensemble step ({cfg.prompt_pool} pool prompts)")
+            prompt_name = next(s.name for s in specs if s.kind == "prompt")
+            ensemble_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
+                                                              dropout=cfg.dropout, ensemble=cfg.prompt_pool,
+                                                              prompt=prompt_name)
         ir_version, opset = int(step_graph.ir_version), max(cfg.opset, 18)
     else:
         say("exporting training graph")
@@ -187,13 +195,14 @@ def export_bundle(
             del weights
             locate = {k: (WEIGHTS_FILE, off, length)
                       for k, (off, length) in safetensors_offsets(tmp / WEIGHTS_FILE).items()}
-            step_spec = StepSpec(external={
-                STEP_GRAPH: onnx_graph.strip_weights(step_graph, shapes, locate),
-                EVAL_GRAPH: onnx_graph.strip_weights(eval_graph, shapes, locate)})
-            for name, graph in ((STEP_GRAPH, step_graph), (EVAL_GRAPH, eval_graph)):
-                frozen_storage.cast_per_use(graph, frozen & set(step_spec.external[name]), cfg.frozen_dtype)
-            onnx.save(step_graph, str(tmp / STEP_GRAPH))
-            onnx.save(eval_graph, str(tmp / EVAL_GRAPH))
+            graphs = {STEP_GRAPH: step_graph, EVAL_GRAPH: eval_graph}
+            if ensemble_graph is not None:
+                graphs[ENSEMBLE_GRAPH] = ensemble_graph
+            external = {name: onnx_graph.strip_weights(graph, shapes, locate) for name, graph in graphs.items()}
+            step_spec = StepSpec(external=external, ensemble_size=cfg.prompt_pool)
+            for name, graph in graphs.items():
+                frozen_storage.cast_per_use(graph, frozen & set(external[name]), cfg.frozen_dtype)
+                onnx.save(graph, str(tmp / name))
         else:
             say("generating ONNX Runtime training artifacts")
             from export import training_artifacts
@@ -202,7 +211,7 @@ def export_bundle(
             shapes = training_artifacts.checkpoint_shapes(tmp / "checkpoint")
             locate = None
         (tmp / "tokenizer.json").write_text(tok)
-        extras: list[str] = []
+        extras: list[str] = [ENSEMBLE_GRAPH] if cfg.format == "step" and cfg.prompt_pool else []
         if cfg.quantize_inference:
             say("quantizing inference graph to int8")
             from export.quantize import quantize_int8

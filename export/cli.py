@@ -68,6 +68,8 @@ def export_command(
     rank_schedule: str | None = typer.Option(None, "--rank-schedule",
                                              help="linear:MIN:MAX ranks growing with depth (per-block size)."),
     prompt_tokens: int = typer.Option(8, "--prompt-tokens", help="Soft-prompt length (--peft prompt)."),
+    prompt_pool: int = typer.Option(0, "--prompt-pool", help="K > 0: also the prompt-ensemble step graph that mixes "
+                                    "K pool prompts (--peft prompt)."),
     trainable_blocks: str | None = typer.Option(None, "--trainable-blocks",
                                                 help="Only these (emulator) blocks are trainable, e.g. 4,5."),
     emulator: str | None = typer.Option(None, "--emulator",
@@ -116,7 +118,8 @@ def export_command(
         opts = dict(task=task, num_labels=num_labels, labels=_strs(labels), peft=peft, head=head, lora_r=lora_r,
                     lora_alpha=lora_alpha, lora_targets=_strs(lora_targets), lora_ranks=ranks,
                     dropout=dropout, lora_dropout=lora_dropout,
-                    num_virtual_tokens=prompt_tokens, trainable_blocks=_ints(trainable_blocks, "--trainable-blocks"),
+                    num_virtual_tokens=prompt_tokens, prompt_pool=prompt_pool,
+                    trainable_blocks=_ints(trainable_blocks, "--trainable-blocks"),
                     emulator=emu, max_length=max_length, quantize_inference=quantize, format=fmt,
                     seed=seed, frozen_dtype=frozen_dtype)
         if rank_schedule is not None:

@@ -79,6 +79,8 @@ class ExportConfig(BaseModel):
     #: (min, max): LoRA ranks growing linearly with depth over the adapter blocks (DEFT per-block size)
     rank_schedule: tuple[int, int] | None = None
     num_virtual_tokens: int = 8
+    #: K > 0 (soft prompts only): also export the prompt-ensemble step graph over K pool prompts
+    prompt_pool: int = 0
     #: emulator blocks whose tensors are trainable (None = all)
     trainable_blocks: list[int] | None = None
     emulator: EmulatorConfig | None = None
@@ -151,6 +153,9 @@ class ExportConfig(BaseModel):
             raise ExportError("soft prompts are supported for --task seq-cls; use --peft lora for causal LMs")
         if self.num_virtual_tokens <= 0 and "prompt" in self.peft:
             raise ExportError("soft prompt tuning needs --prompt-tokens > 0")
+        if self.prompt_pool < 0 or (self.prompt_pool and (self.peft != "prompt" or self.format != "step")):
+            raise ExportError(f"--prompt-pool {self.prompt_pool}: a prompt ensemble needs K >= 1 pool prompts, "
+                              "--peft prompt and the step format")
         return self
 
     @property

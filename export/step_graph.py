@@ -36,6 +36,8 @@ from device_runtime.step_contract import (
     ADAM_V,
     BETA1,
     BETA2,
+    ENSEMBLE_MIX,
+    ENSEMBLE_POOL,
     EPS,
     NEW,
     STEP_LR,
@@ -59,10 +61,19 @@ def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
     return p - step_size * m2 / (torch.sqrt(v2) + EPS), m2, v2
 
 
+def mix_prompts(mix: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """The ensemble's prompt: ``sum_k softmax(mix)_k pool[k]`` (pool: K x tokens x hidden). Pure: the
+    ensemble step graph traces it and the device recomputes it in numpy after training."""
+    return torch.einsum("k,kth->th", torch.softmax(mix, dim=0), pool)
+
+
 def make_step_fn(model: torch.nn.Module, task: str, num_virtual_tokens: int, trainable: Sequence[str],
-                 frozen: Sequence[str]):
+                 frozen: Sequence[str], mixed_prompt: str | None = None):
     """``step(input_ids, attention_mask, labels, lr, t, *trainable, *m, *v, *frozen)`` ->
-    ``(loss, *new_trainable, *new_m, *new_v)`` over the training forward of ``model``."""
+    ``(loss, *new_trainable, *new_m, *new_v)`` over the training forward of ``model``.
+
+    With ``mixed_prompt`` (the prompt tensor's name) the first trainable tensor is the ensemble's mix
+    logits and the first frozen input the pool of prompts; the prompt is :func:`mix_prompts` of them."""
     wrapper = TrainingForward(model, task, num_virtual_tokens)
     n = len(trainable)
     prefix = WRAPPED_PREFIX
@@ -73,13 +84,16 @@ def make_step_fn(model: torch.nn.Module, task: str, num_virtual_tokens: int, tra
         ms, vs = tensors[n:2 * n], tensors[2 * n:3 * n]
         state = {prefix + k: val for k, val in zip(trainable, params, strict=True)}
         values = dict(zip(frozen, tensors[3 * n:], strict=True))
+        if mixed_prompt is not None:
+            state[prefix + mixed_prompt] = mix_prompts(state.pop(prefix + ENSEMBLE_MIX), values.pop(ENSEMBLE_POOL))
         state |= {prefix + k: val for k, val in values.items() if k not in held}
         # PEFT keeps soft-prompt token ids in a plain dict, not a buffer: trace them as inputs too
         saved = dict(getattr(model, "prompt_tokens", {}))
         for k in held:
             model.prompt_tokens[k[len(PROMPT_TOKENS):]] = values[k]
         try:
-            loss, _ = torch.func.functional_call(wrapper, state, (input_ids, attention_mask, labels))
+            with _module_tensors_kept(model):
+                loss, _ = torch.func.functional_call(wrapper, state, (input_ids, attention_mask, labels))
         finally:
             for k, v in saved.items():
                 model.prompt_tokens[k] = v
@@ -93,6 +107,23 @@ def make_step_fn(model: torch.nn.Module, task: str, num_virtual_tokens: int, tra
         return (loss, *new_p, *new_m, *new_v)
 
     return step
+
+
+@contextlib.contextmanager
+def _module_tensors_kept(model: torch.nn.Module):
+    """Put every module's own parameters and buffers back after a ``functional_call``.
+
+    ``functional_call`` swaps a tensor once per name and restores in the same order, so a module
+    reachable under two names (PEFT's ``word_embeddings`` is the base model's embedding module) gets
+    its traced (fake) weight back on the second restore: the model is left holding a FakeTensor and a
+    later export (the prompt-ensemble step) reads it as a frozen weight."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, params, buffers in saved:
+            m._parameters.update(params)
+            m._buffers.update(buffers)
 
 
 def step_input_names(trainable: Sequence[str]) -> list[str]:
@@ -123,28 +154,43 @@ def _quiet():
 
 
 def export_step_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int, opset: int, vocab: int,
-                      trainable: Sequence[str], dropout: bool = False) -> onnx.ModelProto:
+                      trainable: Sequence[str], dropout: bool = False, ensemble: int = 0,
+                      prompt: str | None = None) -> onnx.ModelProto:
     """The step graph of ``model`` (a PEFT model); frozen weights become (full) initializers named by
-    their state-dict names, ready for :func:`export.onnx_graph.strip_weights`."""
+    their state-dict names, ready for :func:`export.onnx_graph.strip_weights`.
+
+    ``ensemble=K`` (with ``prompt``, the soft prompt's tensor name) makes the prompt-ensemble step
+    instead: ``prompt`` is neither trained nor a weight but :func:`mix_prompts` of the trainable
+    ``ENSEMBLE_MIX`` (K logits) and the graph input ``ENSEMBLE_POOL`` (K pool prompts); the other
+    ``trainable`` tensors (the head) train as usual."""
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    trainable = [n for n in trainable if not (ensemble and n == prompt)]
     missing = [n for n in trainable if n not in params]
     if missing:
         raise ExportError(f"trainable tensor {missing[0]!r} is not a parameter of the model")
     prompt_tokens = {PROMPT_TOKENS + k: v for k, v in getattr(model, "prompt_tokens", {}).items()}
-    frozen = [n for n in params if n not in set(trainable)] + list(buffers) + list(prompt_tokens)
+    derived = {prompt} if ensemble else set()
+    frozen = ([n for n in params if n not in set(trainable) | derived] + list(buffers) + list(prompt_tokens))
     train_set = set(trainable)
-    frozen_vals = {**{k: v for k, v in params.items() if k not in train_set}, **buffers, **prompt_tokens}
-    fn = make_step_fn(model, task, num_virtual_tokens, trainable, frozen)
+    frozen_vals = {**{k: v for k, v in params.items() if k not in train_set | derived}, **buffers, **prompt_tokens}
+    if ensemble:
+        if prompt not in params:
+            raise ExportError("a prompt ensemble needs a soft-prompt bundle (--peft prompt)")
+        params = {ENSEMBLE_MIX: torch.zeros(ensemble), **params}
+        trainable = [ENSEMBLE_MIX, *trainable]
+        pool = params[prompt].detach().unsqueeze(0).repeat(ensemble, 1, 1)
+        frozen = [ENSEMBLE_POOL, *frozen]
+    fn = make_step_fn(model, task, num_virtual_tokens, trainable, frozen, mixed_prompt=prompt if ensemble else None)
 
     x = sample_inputs(task, batch=2, seq=8, vocab=vocab)
     tv = [params[n].detach().clone().requires_grad_(True) for n in trainable]
     example = (x["input_ids"], x["attention_mask"], x["labels"], torch.tensor(1e-3), torch.tensor(1.0),
                *tv, *[torch.zeros_like(p) for p in tv], *[torch.zeros_like(p) for p in tv],
-               *[frozen_vals[k].detach() for k in frozen])
+               *([pool] if ensemble else []), *[frozen_vals[k].detach() for k in frozen[1 if ensemble else 0:]])
 
     was_training = model.training
     model.train(dropout)
@@ -164,7 +210,7 @@ def export_step_graph(model: torch.nn.Module, task: str, num_virtual_tokens: int
                                  output_names=out_names, dynamic_shapes=dynamic_shapes, optimize=True,
                                  verbose=False, report=False)
     proto = prog.model_proto
-    return _frozen_inputs_to_initializers(proto, {k: frozen_vals[k] for k in frozen})
+    return _frozen_inputs_to_initializers(proto, {k: frozen_vals[k] for k in frozen if k != ENSEMBLE_POOL})
 
 
 def _frozen_inputs_to_initializers(proto: onnx.ModelProto, frozen: dict[str, torch.Tensor]) -> onnx.ModelProto:

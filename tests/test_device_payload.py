@@ -50,6 +50,17 @@ def test_roundtrip_error_is_bounded(encoding):
             assert np.array_equal(u.tensors[n], x)
 
 
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_strided_views_encode_their_elements(encoding):
+    """A sliced (non-contiguous) tensor is sent as its elements, not its parent's buffer."""
+    parent = _tensors()
+    t = {n: x[..., ::2] if x.ndim > 1 else x[::2] for n, x in parent.items()}
+    assert not all(x.flags["C_CONTIGUOUS"] for x in t.values())
+    u = decode_update(_encode(t, encoding=encoding), bundle_hash=BUNDLE)
+    for n, x in t.items():
+        assert float(np.abs(u.tensors[n] - x).max()) <= max_decode_error(np.ascontiguousarray(x), encoding), n
+
+
 def test_sizes_shrink_and_per_row_helps_uneven_rows():
     t = _tensors()
     sizes = {e: len(_encode(t, encoding=e)) for e in ENCODINGS}

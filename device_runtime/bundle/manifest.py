@@ -139,6 +139,9 @@ class StepSpec(_Strict):
     eval_graph: str = EVAL_GRAPH
     #: graph file -> the frozen weights it declares external, given from ``weights.safetensors``
     external: dict[str, list[str]] = Field(default_factory=dict)
+    #: K > 0: the bundle also has the prompt-ensemble step graph (``step_contract.ENSEMBLE_GRAPH``, an
+    #: extra) that trains K mixing weights (+ the head) over K pool prompts given as an input
+    ensemble_size: int = Field(0, ge=0)
 
 
 class Manifest(_Strict):

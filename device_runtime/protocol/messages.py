@@ -1,4 +1,5 @@
-"""Schemas of the JSON bodies (hello, heartbeat, status, task, ack, bundle request).
+"""Schemas of the JSON bodies (hello, heartbeat, status, task, ack, bundle request) and of a shared
+prompt's description (:class:`PromptInfo`, carried in the prompt payload's header).
 
 Binary bodies (updates, global state, bundle chunks) are safetensors/tar bytes and have no schema
 here; everything small and structured does, so device and edge agree on field names and a
@@ -71,6 +72,22 @@ class BundleRequest(_Body):
 
     bundle: str
     missing: list[int] | None = None
+
+
+class PromptInfo(_Body):
+    """What a device says about the soft prompt it shares (in the payload header's ``metrics["prompt"]``):
+    enough for a newcomer to pick sources without downloading anything else. The tensors themselves
+    are an ordinary update payload (``device_runtime.payload``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str = Field(min_length=1, max_length=64)
+    labels: list[str] = Field(max_length=1024)
+    #: accuracy on the device's own held-out rows (None: not measured)
+    val_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: rows per label in the training data (the shape of the device's data, never the data)
+    label_counts: dict[str, int] = Field(default_factory=dict, max_length=1024)
+    description: str = Field(default="", max_length=280)
 
 
 M = TypeVar("M", bound=_Body)

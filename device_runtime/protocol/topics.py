@@ -1,7 +1,7 @@
 """The deft topic tree (protocol v1).
 
 Every topic starts with ``deft/v1/<fleet>/`` and then says who may write it, so the broker's ACL can
-be three patterns (see :func:`acl_patterns`)::
+be four patterns (see :func:`acl_patterns`)::
 
     deft/v1/<fleet>/device/<id>/hello              device -> edge   hello (hardware profile, capabilities)
     deft/v1/<fleet>/device/<id>/heartbeat          device -> edge   liveness, every few seconds
@@ -9,14 +9,19 @@ be three patterns (see :func:`acl_patterns`)::
     deft/v1/<fleet>/device/<id>/update/<round>     device -> edge   the trained update of one round (chunked)
     deft/v1/<fleet>/device/<id>/ack                device -> edge   application-level acknowledgements
     deft/v1/<fleet>/device/<id>/bundle-request     device -> edge   "send me bundle X / these chunks of it"
-    deft/v1/<fleet>/device/<id>/prompt             device -> edge   a soft prompt to share with the fleet
+    deft/v1/<fleet>/device/<id>/prompt             device -> edge   a soft prompt for the edge's prompt pool
+    deft/v1/<fleet>/device/<id>/prompt-to/<peer>   device -> peer   a soft prompt sent directly to device <peer>
     deft/v1/<fleet>/to/<id>/task/<round>           edge -> one device  a round's task for that device
     deft/v1/<fleet>/to/<id>/ack                    edge -> one device  "update <key> accepted / rejected: why"
     deft/v1/<fleet>/to/<id>/bundle/<bundle>        edge -> one device  bundle chunks resent on request
     deft/v1/<fleet>/all/task/<round>               edge -> all      a task for every selected device
     deft/v1/<fleet>/all/global                     edge -> all      retained: the current global tensors
     deft/v1/<fleet>/all/bundle/<bundle>            edge -> all      bundle chunks
-    deft/v1/<fleet>/all/prompts/<id>               edge -> all      soft prompts relayed from device <id>
+    deft/v1/<fleet>/all/prompts/<id>               edge -> all      retained: device <id>'s prompt in the pool
+
+The one topic a device reads under another device's subtree is ``device/+/prompt-to/<its id>``
+(device-to-device prompt transfer over the broker): the sender can write it because it is its own
+subtree, the receiver can read it because the last segment is its own id, and nobody else can read it.
 
 Watch a whole run with ``mosquitto_sub -t 'deft/v1/<fleet>/#' -v`` (as the edge account).
 Fleet and device ids are ``[A-Za-z0-9_.-]``, 1-64 characters: no ``/``, ``+`` or ``#``, so an id can
@@ -53,6 +58,7 @@ DEVICE_KINDS: dict[str, bool] = {
     "ack": False,
     "bundle-request": False,
     "prompt": False,
+    "prompt-to": True,
 }
 #: kinds the edge publishes to one device under ``to/<id>/``
 TO_DEVICE_KINDS: dict[str, bool] = {"task": True, "ack": False, "bundle": True}
@@ -120,6 +126,14 @@ class Topics:
     def update(self, device: str, round: int) -> str:
         return f"{self._dev(device, 'update')}/{_check_round(round)}"
 
+    def prompt_to(self, device: str, peer: str) -> str:
+        """Device ``device`` sends a prompt directly to ``peer`` (who alone may read it)."""
+        return f"{self._dev(device, 'prompt-to')}/{check_id(peer, 'peer device id')}"
+
+    def prompts_for(self, device: str) -> str:
+        """What ``device`` subscribes to for prompts sent to it directly, from any peer."""
+        return f"{self.base}/device/+/prompt-to/{check_id(device)}"
+
     # ---- edge -> one device ---------------------------------------------------------------------
     def _to(self, device: str, kind: str) -> str:
         return f"{self.base}/to/{check_id(device)}/{kind}"
@@ -146,6 +160,10 @@ class Topics:
     def prompts_relay(self, device: str) -> str:
         return f"{self.base}/all/prompts/{check_id(device)}"
 
+    def prompt_pool(self) -> str:
+        """Every prompt in the edge's pool (retained: a device that subscribes later gets them all)."""
+        return f"{self.base}/all/prompts/+"
+
     # ---- subscription patterns ------------------------------------------------------------------
     def everything(self) -> str:
         """What ``mosquitto_sub`` (and the edge) subscribes to, to see a whole run."""
@@ -160,7 +178,8 @@ class Topics:
         return f"{self.base}/device/+/{kind}" + ("/+" if DEVICE_KINDS[kind] else "")
 
     def device_inbox(self, device: str) -> list[str]:
-        """Device subscriptions: everything addressed to it and everything addressed to all."""
+        """Device subscriptions: everything addressed to it and everything addressed to all (prompts sent
+        to it by peers: :meth:`prompts_for`)."""
         return [f"{self.base}/to/{check_id(device)}/#", f"{self.base}/all/#"]
 
 
@@ -173,13 +192,15 @@ def acl_patterns(fleet: str, user_token: str = "%u") -> dict[str, list[str]]:
     base = f"{ROOT}/{VERSION_SEGMENT}/{check_id(fleet, 'fleet name')}"
     return {
         "write": [f"{base}/device/{user_token}/#"],
-        "read": [f"{base}/to/{user_token}/#", f"{base}/all/#"],
+        "read": [f"{base}/to/{user_token}/#", f"{base}/all/#", f"{base}/device/+/prompt-to/{user_token}"],
     }
 
 
 @dataclass(frozen=True)
 class TopicInfo:
-    """A parsed topic. ``round`` is set for update/task topics, ``token`` for bundle/prompts topics."""
+    """A parsed topic. ``round`` is set for update/task topics, ``token`` for bundle topics and for the
+    peer of a ``prompt-to`` topic; ``device`` is the sender (device/...), the addressee (to/...) or, for
+    ``all/prompts/<id>``, the device whose prompt it is."""
 
     fleet: str
     direction: Direction
@@ -226,6 +247,8 @@ def parse_topic(topic: str) -> TopicInfo:
             round_ = int(tail[0])
         elif kind == "prompts":
             device = check_id(tail[0])
+        elif kind == "prompt-to":
+            token = check_id(tail[0], "peer device id")
         else:
             token = _check_token(tail[0], "bundle id")
     return TopicInfo(fleet=fleet, direction=direction, kind=kind, device=device, round=round_, token=token)  # type: ignore[arg-type]

@@ -48,6 +48,8 @@ class CoordinatorConfig(BaseModel):
     encoding: Encoding = "int8"
     delta: bool = True
     max_update_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    #: a shared soft prompt (prompt + head tensors) larger than this is refused from the prompt pool
+    max_prompt_bytes: int = Field(1024 * 1024, gt=0)
     #: a device silent for this long is marked lost (heartbeats come every few seconds)
     lost_after_s: float = Field(20.0, gt=0)
     #: full-model evaluation after each round (labelled TSV/CSV/JSONL); None: skip

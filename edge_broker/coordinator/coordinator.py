@@ -34,6 +34,7 @@ from edge_broker.coordinator.bundle_server import BundleServer
 from edge_broker.coordinator.config import CoordinatorConfig, CoordinatorError
 from edge_broker.coordinator.evaluation import Evaluations, plug_in_and_report
 from edge_broker.coordinator.inbox import Inbox, OpenRound
+from edge_broker.coordinator.prompt_pool import PromptPool
 from edge_broker.coordinator.registry import Registry
 from edge_broker.coordinator.rounds import ClosePolicy, RoundState, RoundStats, Verdict, step
 from edge_broker.coordinator.updates import UpdateTransform, aggregate_round
@@ -104,6 +105,9 @@ class Coordinator:
             raise CoordinatorError(str(exc)) from None
         self.inbox = Inbox(self, self.client.subscribe(self.topics.from_devices("#")))
         self.bundles = BundleServer(self.bundle, self.client, self.topics, sender=self.cfg.username)
+        self.prompts = PromptPool(self.store, self.client, self.topics, self.bundle, sender=self.cfg.username,
+                                  max_bytes=self.cfg.max_prompt_bytes)
+        self.prompts.republish()
         self.servers: dict[str, BundleServer] = {self.bundle.hash: self.bundles}
 
     def send(self, topic: str, env: Envelope, *, fanout: int = 1, retain: bool = False) -> None:

@@ -1,7 +1,8 @@
 """The inbox: every message from the devices arrives here and goes where it belongs.
 
 Hellos, heartbeats and status go to the registry; bundle requests to the bundle server of the bundle
-they name; updates are validated and stored in batches (:func:`~edge_broker.coordinator.updates.ingest_many`),
+they name; shared prompts to the prompt pool (:mod:`~edge_broker.coordinator.prompt_pool`); updates
+are validated and stored in batches (:func:`~edge_broker.coordinator.updates.ingest_many`),
 then acknowledged. It also watches the link: after a reconnect, last wills the broker published while
 it was away are not believed at once (:meth:`Inbox.believes_lost`).
 """
@@ -145,6 +146,13 @@ class Inbox:
                 log.warning("bundle request from unregistered device %s ignored (send a hello first)", dev)
         elif kind == "update":
             self.on_updates([msg])
+        elif kind == "prompt":
+            stored, rej = self.c.prompts.handle(msg, self.c.registry.registered())
+            if rej is not None:
+                self.c.stats.rejected["prompt_" + rej.reason.value] += 1
+            elif stored:
+                self.c.on_event({"event": "prompt", "device": dev, "bytes": msg.envelope.header.length})
+        # prompt-to: device-to-device traffic the edge sees (it reads the whole tree) but does not handle
 
     def _on_presence(self, msg, kind: str, dev: str) -> None:
         known_before = self.c.store.device(dev) is not None
