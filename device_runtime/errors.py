@@ -8,10 +8,12 @@ and exits 2 instead of showing a traceback.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from pydantic import ValidationError
+    from pydantic import BaseModel, ValidationError
+
+    M = TypeVar("M", bound=BaseModel)
 
 
 class DeftError(Exception):
@@ -25,6 +27,17 @@ def first_error(exc: ValidationError, root: str = "") -> tuple[str, str]:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or root
     return where, str(err.get("msg", "invalid")).removeprefix("Value error, ")
+
+
+def validated(model: type[M], raw: Any, error: type[Exception], what: str) -> M:
+    """``raw`` (a mapping, or JSON text) validated as ``model``; else ``error("<what> field <where>: <problem>")``,
+    the one-line message of every structure a device or the edge receives (payload headers, prompt info)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate_json(raw) if isinstance(raw, str | bytes) else model.model_validate(raw)
+    except ValidationError as exc:
+        raise error("{} field {}: {}".format(what, *first_error(exc))) from None
 
 
 def existing_file(path: str | Path, error: type[Exception], missing: str) -> Path:

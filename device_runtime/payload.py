@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from device_runtime.errors import PayloadError, first_error
+from device_runtime.errors import PayloadError, validated
 
 #: how a payload stores its values; the one list devices, messages and the edge all use
 Encoding = Literal["fp32", "fp16", "int8", "int8-row"]
@@ -222,10 +222,7 @@ def read_meta(blob: bytes) -> PayloadMeta:
     raw = (header.get("__metadata__") or {}).get(_META_KEY) if isinstance(header, dict) else None
     if raw is None:
         raise PayloadError("not a deftkit update payload (no 'deftkit' metadata in the safetensors header)")
-    try:
-        return PayloadMeta.model_validate_json(raw)
-    except ValidationError as exc:
-        raise PayloadError("payload header field {}: {}".format(*first_error(exc))) from None
+    return validated(PayloadMeta, raw, PayloadError, "payload header")
 
 
 def decode_update(blob: bytes, *, bundle_hash: str | None = None) -> Update:

@@ -18,9 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import ValidationError
 
-from device_runtime.errors import PayloadError, first_error
+from device_runtime.errors import PayloadError, validated
 from device_runtime.payload import Update, decode_update, encode_update
 from device_runtime.protocol.envelope import Envelope
 from device_runtime.protocol.messages import PromptInfo
@@ -53,10 +52,7 @@ def prompt_info(update: Update) -> PromptInfo:
     raw = update.meta.metrics.get(PROMPT_KEY)
     if not isinstance(raw, dict):
         raise PayloadError("not a shared prompt: the payload header has no 'prompt' description")
-    try:
-        return PromptInfo.model_validate(raw)
-    except ValidationError as exc:
-        raise PayloadError("prompt description field {}: {}".format(*first_error(exc))) from None
+    return validated(PromptInfo, raw, PayloadError, "prompt description")
 
 
 def decode_prompt(blob: bytes, *, bundle_hash: str | None = None) -> SharedPrompt:

