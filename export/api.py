@@ -84,6 +84,10 @@ def build_peft_model(model: torch.nn.Module, arch: Architecture, cfg: ExportConf
         if cfg.emulator is not None and cfg.emulator.middle_width is not None:
             spec = spec.model_copy(update={"middle_width": cfg.emulator.middle_width})
         apply_emulator(model, arch, spec)
+    # the adapters' random initial tensors (LoRA A, prompts) are part of the bundle: drawn from cfg.seed
+    # here, so they do not depend on how the model was loaded (whole, or block by block, which draws
+    # nothing) or on what distillation drew before
+    torch.manual_seed(cfg.seed)
     pm, full_cfg = attach_peft(model, arch, cfg, spec)
     specs = trainable_specs(pm, arch, cfg.trainable_blocks, len(spec.layer_map))
     pm.eval()
@@ -101,9 +105,7 @@ def weight_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def _load(source: str, cfg: ExportConfig) -> tuple[torch.nn.Module, Architecture, EmulatorSpec | None]:
     """The model to export; an emulator without distillation reads only the blocks it keeps."""
-    # opt-in with float16 storage until its parity test passes (it failed its first run, undiagnosed)
-    if (cfg.emulator is not None and cfg.distill is None and cfg.emulator.middle_width is None
-            and cfg.frozen_dtype != "float32"):
+    if cfg.emulator is not None and cfg.distill is None and cfg.emulator.middle_width is None:
         arch = architecture_for(load_config(source).model_type, cfg.task)
         spec = emulator_spec(load_config(source), arch, cfg)
         partial = load_emulator_blocks(source, cfg, spec.layer_map)
@@ -181,7 +183,7 @@ def export_bundle(
         if cfg.format == "step":
             say("writing step graph and weights")
             shapes = {k: tuple(v.shape) for k, v in weights.items()}
-            frozen = set(weights) - set(names)
+            frozen = frozen_storage.stored_frozen(weights, {n for n, _ in pm.named_parameters()}, names)
             weights = frozen_storage.stored_weights(weights, frozen, cfg.frozen_dtype)
             save_safetensors(weights, str(tmp / WEIGHTS_FILE))
             del weights

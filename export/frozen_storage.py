@@ -29,6 +29,18 @@ from onnx import helper, numpy_helper
 STORAGE = {"float32": (np.float32, onnx.TensorProto.FLOAT), "float16": (np.float16, onnx.TensorProto.FLOAT16)}
 
 
+def stored_frozen(weights: Iterable[str], parameters: Iterable[str], trainable: Iterable[str]) -> set[str]:
+    """The tensors of ``weights`` that the storage dtype applies to: frozen parameters of the base model.
+    Not buffers (computed constants such as Llama's rotary ``inv_freq``: a few floats, and rounding
+    them shifts every position's angle) and not adapter or head tensors (the LoRA tensors of blocks
+    other devices train are replaced by the round's global state at run time, which must not be
+    rounded); both stay float32."""
+    from export.peft_setup import tensor_kind
+
+    params, train = set(parameters), set(trainable)
+    return {n for n in weights if n in params and n not in train and tensor_kind(n) == "other"}
+
+
 def stored_weights(weights: Mapping[str, np.ndarray], frozen: Iterable[str], dtype: str) -> dict[str, np.ndarray]:
     """``weights`` with the ``frozen`` ones converted to the storage ``dtype`` (trainable stay float32).
     Converted one at a time, each float32 original released as it goes (``weights`` is emptied)."""
