@@ -87,7 +87,7 @@ def stage_score(model: str, bundle: str, adapter: str, data: str, limit: int) ->
     from edge_broker.coordinator.evaluation import score_model
 
     b = load_bundle(bundle)
-    ds = load_dataset(data, b.manifest, b.tokenizer, limit=limit)
+    ds = load_dataset(data, b.manifest, b.tokenizer, limit=int(limit))
     base = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32, attn_implementation="eager").eval()
     before = score_model(base, ds, batch_size=2)
     adapted = PeftModel.from_pretrained(base, adapter).eval()
