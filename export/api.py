@@ -175,6 +175,9 @@ def export_bundle(
             onnx_graph.export_training_graph(pm, cfg.task, n_virtual, cfg.opset, vocab), names), names)
         onnx_graph.strip_weights(eval_graph, held)
         weights = weight_arrays(pm)  # before tracing, which may leave traced tensors behind in PEFT's modules
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        frozen = frozen_storage.stored_frozen(weights, {n for n, _ in pm.named_parameters()}, names)
+        weights = frozen_storage.stored_weights(weights, frozen, cfg.frozen_dtype)  # stored dtype now: half held
         say("tracing the training step (forward, backward, AdamW)")
         step_graph = step_graph_mod.export_step_graph(pm, cfg.task, n_virtual, cfg.opset, vocab, names,
                                                       dropout=cfg.dropout)
@@ -189,9 +192,6 @@ def export_bundle(
         step_spec = None
         if cfg.format == "step":
             say("writing step graph and weights")
-            shapes = {k: tuple(v.shape) for k, v in weights.items()}
-            frozen = frozen_storage.stored_frozen(weights, {n for n, _ in pm.named_parameters()}, names)
-            weights = frozen_storage.stored_weights(weights, frozen, cfg.frozen_dtype)
             save_safetensors(weights, str(tmp / WEIGHTS_FILE))
             del weights
             locate = {k: (WEIGHTS_FILE, off, length)
