@@ -206,7 +206,7 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    names = [f"{r['label']}\n{r['frozen_dtype']}" for r in rows]
+    names = [f"{r['model']}\n{r['frozen_dtype']}" for r in rows]  # short: the labels overlap
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
     x = range(len(rows))
     ax[0].bar(x, [r["device_peak_rss_mb"] / 1024 for r in rows], color="tab:blue")
