@@ -87,7 +87,7 @@ def stage_score(model: str, bundle: str, adapter: str, data: str, limit: int) ->
     from edge_broker.coordinator.evaluation import score_model
 
     b = load_bundle(bundle)
-    ds = load_dataset(data, b.manifest, b.tokenizer, limit=limit)
+    ds = load_dataset(data, b.manifest, b.tokenizer, limit=int(limit))
     base = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32, attn_implementation="eager").eval()
     before = score_model(base, ds, batch_size=2)
     adapted = PeftModel.from_pretrained(base, adapter).eval()
@@ -117,7 +117,7 @@ def this_machine_profile():
     """This machine as a ``hardware`` profile: sustained float32 GEMM and copy bandwidth, measured."""
     import numpy as np
 
-    from hardware.profiles import Profile, Uplink
+    from hardware.profiles import CITED_FIELDS, Profile, Uplink
 
     a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
     a @ a
@@ -127,6 +127,7 @@ def this_machine_profile():
     gflops = 2 * 1024 ** 3 * reps / (time.perf_counter() - t0) / 1e9
     big = np.ones(64 * 2 ** 20, dtype=np.float32)
     dst = np.empty_like(big)
+    np.copyto(dst, big)  # first touch: page faults, not bandwidth
     t0 = time.perf_counter()
     for _ in range(5):
         np.copyto(dst, big)
@@ -136,8 +137,9 @@ def this_machine_profile():
                    memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                    cpu_gflops_fp32=round(gflops, 1), gpu_gflops_fp32=0.0, memory_bandwidth_gbs=round(gbs, 1),
                    uplink=Uplink(kind="ethernet", standard="n/a", bandwidth_hz=1e6, tx_power_w=0.1),
-                   sources={k: src for k in ("cpu_cores", "memory_bytes", "cpu_gflops_fp32", "gpu_gflops_fp32",
-                                             "memory_bandwidth_gbs")})
+                   sources={k: src for k in CITED_FIELDS} | {  # the uplink is never used here (compute only)
+                       "uplink.bandwidth_hz": "placeholder: no uplink is modelled for this machine",
+                       "uplink.tx_power_w": "placeholder: no uplink is modelled for this machine"})
 
 
 def predictions(step_s: float, peak_mb: float, here) -> dict:
@@ -204,7 +206,7 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    names = [f"{r['label']}\n{r['frozen_dtype']}" for r in rows]
+    names = [f"{r['model']}\n{r['frozen_dtype']}" for r in rows]  # short: the labels overlap
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
     x = range(len(rows))
     ax[0].bar(x, [r["device_peak_rss_mb"] / 1024 for r in rows], color="tab:blue")

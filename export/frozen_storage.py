@@ -9,6 +9,8 @@ computing in float32 and only the *storage* shrinks: each frozen initializer is 
 shared cast's float32 output would live from the forward pass to the backward pass, i.e. all of them
 at once: per use, each float32 copy lives for one kernel and the arena reuses its memory.
 An embedding lookup (``Gather`` on the table) gathers the float16 rows first and casts only those.
+A use reached through layout-only nodes counts too: the traced step's ``Transpose(W)`` feeds the
+forward and the backward MatMul, so it is copied per use first (``unshare_views``).
 
 ONNX Runtime would undo this at session creation: constant folding turns ``Cast(initializer)`` into
 a float32 initializer, the CPU provider fuses each cast float16 initializer into a float32 one per use,
@@ -29,6 +31,18 @@ from onnx import helper, numpy_helper
 STORAGE = {"float32": (np.float32, onnx.TensorProto.FLOAT), "float16": (np.float16, onnx.TensorProto.FLOAT16)}
 
 
+def stored_frozen(weights: Iterable[str], parameters: Iterable[str], trainable: Iterable[str]) -> set[str]:
+    """The tensors of ``weights`` that the storage dtype applies to: frozen parameters of the base model.
+    Not buffers (computed constants such as Llama's rotary ``inv_freq``: a few floats, and rounding
+    them shifts every position's angle) and not adapter or head tensors (the LoRA tensors of blocks
+    other devices train are replaced by the round's global state at run time, which must not be
+    rounded); both stay float32."""
+    from export.peft_setup import tensor_kind
+
+    params, train = set(parameters), set(trainable)
+    return {n for n in weights if n in params and n not in train and tensor_kind(n) == "other"}
+
+
 def stored_weights(weights: Mapping[str, np.ndarray], frozen: Iterable[str], dtype: str) -> dict[str, np.ndarray]:
     """``weights`` with the ``frozen`` ones converted to the storage ``dtype`` (trainable stay float32).
     Converted one at a time, each float32 original released as it goes (``weights`` is emptied)."""
@@ -39,6 +53,49 @@ def stored_weights(weights: Mapping[str, np.ndarray], frozen: Iterable[str], dty
         arr = weights.pop(name)  # type: ignore[attr-defined]
         out[name] = arr.astype(np_dtype) if name in frozen and arr.dtype != np_dtype else arr
     return out
+
+
+#: layout-only ops: a stored weight may reach its uses through them (the traced step computes ``W.t()``
+#: once and uses it in the forward and the backward pass)
+_VIEWS = frozenset({"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+
+
+def unshare_views(graph: onnx.GraphProto, weights: set[str]) -> int:
+    """Give every use of a layout-only node fed by one of ``weights`` (directly or through other such
+    nodes) its own copy of that node, placed right before the use. Without it the per-use casts stop
+    at the shared node: the traced step's ``Transpose(W)`` feeds the forward and the backward MatMul,
+    so its float32 copy of W would live from one to the other, every weight's at once (1.2 GB on the
+    1.1B emulator). Returns how many nodes were added."""
+    added = 0
+    while True:
+        nodes = list(graph.node)
+        derived, uses = set(weights), {}
+        for k, node in enumerate(nodes):
+            if node.op_type in _VIEWS and node.input and node.input[0] in derived:
+                derived.add(node.output[0])
+            for i, name in enumerate(node.input):
+                uses.setdefault(name, []).append((k, i))
+        outputs = {o.name for o in graph.output}
+        shared = [n for n in nodes if n.op_type in _VIEWS and n.input and n.input[0] in derived
+                  and len(uses.get(n.output[0], [])) > 1 and n.output[0] not in outputs]
+        if not shared:
+            return added
+        before: dict[int, list[onnx.NodeProto]] = {}  # consumer's index -> clones to place right before it
+        for node in shared:
+            for j, (k, i) in enumerate(uses[node.output[0]][1:], start=1):
+                clone = onnx.NodeProto()
+                clone.CopyFrom(node)
+                clone.output[0] = f"{node.output[0]}/use{j}"
+                clone.name = f"{node.name or node.output[0]}/use{j}"
+                nodes[k].input[i] = clone.output[0]
+                before.setdefault(k, []).append(clone)
+                added += 1
+        ordered = []
+        for k, node in enumerate(nodes):
+            ordered += before.get(k, [])
+            ordered.append(node)
+        del graph.node[:]
+        graph.node.extend(ordered)
 
 
 def cast_per_use(model: onnx.ModelProto, names: Iterable[str], dtype: str) -> int:
@@ -54,6 +111,7 @@ def cast_per_use(model: onnx.ModelProto, names: Iterable[str], dtype: str) -> in
             t.data_type = elem
         else:  # bytes held in the graph: convert them too
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(STORAGE[dtype][0]), t.name))
+    unshare_views(g, set(inits))
     nodes: list[onnx.NodeProto] = []
     count = 0
     for node in g.node:

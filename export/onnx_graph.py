@@ -220,8 +220,6 @@ def strip_weights(model: onnx.ModelProto, available: dict[str, tuple[int, ...]],
     The bundle then carries the model's weights once, not once per graph. Returns the names stripped,
     in graph order; anything else (constants, other dtypes) keeps its bytes. Initializers no node uses
     are dropped (ONNX Runtime drops them before it looks for external initializers)."""
-    from onnx.external_data_helper import set_external_data
-
     stripped = []
     consumed = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
     unused = [t for t in model.graph.initializer if t.name not in consumed]
@@ -230,11 +228,15 @@ def strip_weights(model: onnx.ModelProto, available: dict[str, tuple[int, ...]],
     for t in model.graph.initializer:
         if t.data_type != onnx.TensorProto.FLOAT or available.get(t.name) != tuple(t.dims):
             continue
-        if locate is None:
-            set_external_data(t, location=EXTERNAL_LOCATION)
-        else:
-            where, offset, length = locate[t.name]
-            set_external_data(t, location=where, offset=offset, length=length)
+        # set by hand, not onnx's set_external_data (which needs the bytes): a graph stripped early, while
+        # the bundle's weights are not written yet, is pointed at them here
+        where, offset, length = (EXTERNAL_LOCATION, None, None) if locate is None else locate[t.name]
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", where), ("offset", offset), ("length", length)):
+            if value is not None:
+                entry = t.external_data.add()
+                entry.key, entry.value = key, str(value)
         t.ClearField("raw_data")
         t.ClearField("float_data")
         stripped.append(t.name)

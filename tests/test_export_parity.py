@@ -28,7 +28,7 @@ def reference_model(source, options: dict):
 
         with torch.no_grad():
             for p in pm.parameters():
-                if not p.requires_grad:
+                if not p.requires_grad:  # base weights only: adapters and buffers stay float32
                     p.copy_(p.half().float())
     return pm
 
@@ -41,6 +41,9 @@ def check_parity_and_training(bundle, source, options: dict, steps: int = 20, lr
     ort = OrtTrainer(bundle, lr=lr)
     names = manifest.trainable_names
     ref = reference_model(source, options)
+    initial = dict(ref.named_parameters())
+    for n, arr in ort.tensors(names).items():  # the bundle starts where the reference starts (both from cfg.seed)
+        np.testing.assert_array_equal(arr, initial[n].detach().numpy(), err_msg=f"initial {n}")
     load_tensors(ref, ort.tensors(names))
 
     _, before = ort.eval_logits(*probe)
@@ -155,8 +158,15 @@ def test_causal_lm_loss_ignores_padding(tiny_model_dir, bundle_factory):
     assert loss2 == pytest.approx(loss3, abs=1e-6)
 
 
-@pytest.mark.xfail(reason="failed its first run (AssertionError, cause not yet diagnosed): see the h18 report",
-                   strict=False)
+def test_causal_lm_emulator_read_block_by_block(tiny_model_dir, bundle_factory):
+    """An emulator export reads only its blocks (``export.loading.load_emulator_blocks``); the reference
+    loads the whole model and cuts it: same initial tensors, same logits and training at 1e-5."""
+    opts = dict(task="causal-lm", max_length=24, emulator=(1, 1, 1))
+    out = check_parity_and_training(bundle_factory(tiny_model_dir("llama"), **opts), tiny_model_dir("llama"), opts,
+                                    lr=1e-2)
+    assert out["manifest"].emulator.layer_map == [0, 1, 3]
+
+
 def test_float16_frozen_storage_emulator(tiny_model_dir, bundle_factory):
     """Frozen weights stored float16 (cast per use, computation float32), on an emulator read block by
     block from the model directory: parity with the torch reference at 1e-5 (its frozen weights rounded
@@ -164,6 +174,7 @@ def test_float16_frozen_storage_emulator(tiny_model_dir, bundle_factory):
     from safetensors import safe_open
 
     from device_runtime.bundle.check import check_bundle
+    from export.peft_setup import tensor_kind
 
     opts = dict(task="causal-lm", max_length=24, emulator=(1, 1, 1), frozen_dtype="float16")
     bundle = bundle_factory(tiny_model_dir("llama"), **opts)
@@ -173,5 +184,8 @@ def test_float16_frozen_storage_emulator(tiny_model_dir, bundle_factory):
     with safe_open(str(bundle / "weights.safetensors"), framework="np") as f:
         dtypes = {n: f.get_slice(n).get_dtype() for n in f.keys()}  # noqa: SIM118
     assert {dtypes[n] for n in m.trainable_names} == {"F32"}
-    assert {d for n, d in dtypes.items() if n not in m.trainable_names} == {"F16"}
+    # float16: the frozen base weights; float32: the adapters and the buffers (the rotary frequencies)
+    assert {n for n, d in dtypes.items() if d == "F16"} == {
+        n for n in dtypes if tensor_kind(n) == "other" and not n.endswith("inv_freq")}
+    assert dtypes["base_model.model.model.rotary_emb.inv_freq"] == "F32"
     assert check_bundle(bundle, deep=True)[1] == []

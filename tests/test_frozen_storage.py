@@ -62,3 +62,38 @@ def test_stored_weights_converts_frozen_only():
     out = stored_weights(weights, ["frozen"], "float16")
     assert out["frozen"].dtype == np.float16 and out["lora"].dtype == np.float32
     assert weights == {}  # originals released as they are converted
+
+
+def test_a_shared_transpose_of_a_weight_is_cast_per_use():
+    """The traced step computes W.t() once for the forward and the backward MatMul; each use gets its own
+    Transpose and Cast, so no float32 copy of W lives from one to the other; same numbers."""
+    w = np.random.default_rng(1).standard_normal((3, 3)).astype(np.float32)
+
+    def graph(arr):
+        nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["x", "Wt"], ["h"], name="forward"),
+                 helper.make_node("Transpose", ["Wt"], ["Wtt"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["h", "Wtt"], ["y"], name="backward")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])],
+                              [numpy_helper.from_array(arr, "W")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        m.ir_version = 10
+        return m
+
+    m = graph(w)
+    assert cast_per_use(m, ["W"], "float16") == 2
+    onnx.checker.check_model(m)
+    consumers: dict[str, int] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    casts = [n for n in m.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 2 and all(consumers[c.output[0]] == 1 for c in casts)
+    assert all(consumers[n.output[0]] == 1 for n in m.graph.node if n.op_type == "Transpose")
+    x = np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)
+    want = ort.InferenceSession(graph(w.astype(np.float16).astype(np.float32)).SerializeToString()).run(
+        None, {"x": x})[0]
+    manifest = type("M", (), {"frozen_dtype": "float16"})()
+    got = ort.InferenceSession(m.SerializeToString(), **session_kwargs(manifest)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
