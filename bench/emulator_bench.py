@@ -51,6 +51,9 @@ VARIANTS: dict[str, tuple[str | None, bool, list[str]]] = {
        for a, b in ((1, 2), (1, 3), (2, 3), (2, 4), (3, 4))},
     # the uniform middle at half its FFN width (1536 -> 768)
     "1-2-1-distilled-w768": ("1,2,1", True, ["--emulator-middle-width", "768"]),
+    # float16 frozen-weight storage (`--frozen-dtype float16`, the 1B work's): the emulator's and the full model's
+    "1-2-1-distilled-f16": ("1,2,1", True, ["--frozen-dtype", "float16"]),
+    "full-f16": (None, False, ["--frozen-dtype", "float16"]),
     "1-1-1": ("1,1,1", False, []),
     "1-1-1-distilled": ("1,1,1", True, []),
 }
