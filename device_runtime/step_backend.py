@@ -72,9 +72,14 @@ FROZEN_CAST_OPTIMIZERS = ("ConstantFolding", "FuseFp16InitializerToFp32NodeTrans
                           "CommonSubexpressionElimination")
 
 
+def float32_storage(manifest) -> bool:
+    """Whether a bundle stores its frozen weights in float32 (the default; else the casts above apply)."""
+    return manifest.frozen_dtype == "float32"
+
+
 def session_kwargs(manifest) -> dict:
     """Extra ``InferenceSession`` arguments a bundle needs (none for float32 storage)."""
-    if getattr(manifest, "frozen_dtype", "float32") == "float32":
+    if float32_storage(manifest):
         return {}
     return {"disabled_optimizers": list(FROZEN_CAST_OPTIMIZERS)}
 
@@ -145,7 +150,7 @@ class StepBackend:
     def _session(self, graph: str):
         """A session on ``graph`` with the frozen weights it declares external, created once."""
         if graph not in self._sessions:
-            opts = session_options(self._threads, arena=getattr(self.manifest, "frozen_dtype", "float32") == "float32")
+            opts = session_options(self._threads, arena=float32_storage(self.manifest))
             path = self.bundle.path(graph)
             replaced = [n for n in self.manifest.step.external.get(graph, []) if n in self._frozen]
             if replaced:
